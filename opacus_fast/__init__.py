@@ -1,0 +1,9 @@
+"""opacus_fast: fast, exact DP-SGD for PyTorch as a drop-in extension of Opacus."""
+
+from .engine import BKEngine, UnsupportedModuleError
+from .optimizer import FastDPOptimizer
+from .privacy_engine import BKGradSampleModule, PrivacyEngine
+
+__version__ = "0.1.0"
+
+__all__ = ["BKEngine", "BKGradSampleModule", "FastDPOptimizer", "PrivacyEngine", "UnsupportedModuleError"]

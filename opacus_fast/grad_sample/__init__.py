@@ -1,0 +1,17 @@
+"""Layer rules (one file per layer family) and units for parameters outside any rule layer."""
+
+from . import conv, embedding, linear, norm  # noqa: F401  (registers the rules)
+from .registry import LayerRule, find_rule, norm_dtype, register_rule, sq_norm, weighted_sum
+from .units import find_unit, register_unit, run_per_example
+
+__all__ = [
+    "LayerRule",
+    "find_rule",
+    "find_unit",
+    "norm_dtype",
+    "register_rule",
+    "register_unit",
+    "run_per_example",
+    "sq_norm",
+    "weighted_sum",
+]

@@ -1,0 +1,69 @@
+"""nn.Embedding: a per-example gradient is a sum of output grads scattered into the rows of the tokens used.
+
+``||G_i||^2`` sums, over the distinct tokens of example i, the squared norm of the summed output grads of that
+token's positions: O(B·T·d) time and memory, never a (B, V, d) tensor. Rows at ``padding_idx`` get no gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import LayerRule, Norms, Tensor, norm_dtype, register_rule
+
+
+def _grads(layer: nn.Embedding, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """(B·T,) token ids and (B·T, d) output grads, with the rows of ``padding_idx`` positions zeroed."""
+    ids = x.reshape(-1)
+    rows = g.reshape(-1, g.shape[-1])
+    if layer.padding_idx is not None:
+        rows = rows.masked_fill((ids == layer.padding_idx).unsqueeze(1), 0)
+    return ids, rows
+
+
+@register_rule(nn.Embedding)
+class EmbeddingRule(LayerRule):
+    def validate(self, layer: nn.Embedding) -> str | None:
+        if layer.max_norm is not None:
+            return "max_norm renormalises rows of the weight in place during forward; set max_norm=None"
+        if layer.scale_grad_by_freq:
+            return "scale_grad_by_freq scales gradients by token counts over the whole batch (mixes examples)"
+        if layer.sparse:
+            return "sparse gradients are not supported; set sparse=False"
+        return None
+
+    def forward(self, layer: nn.Embedding, x: Tensor) -> Tensor:
+        return F.embedding(x, layer.weight, layer.padding_idx)
+
+    def input_grad(self, layer: nn.Embedding, x: Tensor, g: Tensor) -> Tensor | None:
+        return None
+
+    def norms(self, layer: nn.Embedding, x: Tensor, g: Tensor, names: Iterable[str]) -> tuple[Norms, Any]:
+        batch = x.shape[0]
+        ids, rows = _grads(layer, x, g)
+        rows = rows.to(norm_dtype(rows.dtype))
+        example = torch.arange(batch, device=x.device).repeat_interleave(ids.numel() // max(batch, 1))
+        keys, inverse = torch.unique(example * layer.num_embeddings + ids, return_inverse=True)
+        summed = rows.new_zeros(keys.numel(), rows.shape[1]).index_add_(0, inverse, rows)
+        sq = rows.new_zeros(batch).index_add_(0, keys // layer.num_embeddings, summed.pow(2).sum(dim=1))
+        return {"weight": sq}, None
+
+    def clipped_sum(
+        self, layer: nn.Embedding, x: Tensor, g: Tensor, factors: dict[str, Tensor], cache: Any
+    ) -> dict[str, Tensor]:
+        ids, rows = _grads(layer, x, g)
+        per_row = factors["weight"].to(rows.dtype).repeat_interleave(ids.numel() // max(x.shape[0], 1))
+        out = rows.new_zeros(layer.weight.shape).index_add_(0, ids, rows * per_row.unsqueeze(1))
+        return {"weight": out}
+
+    def per_sample(self, layer: nn.Embedding, x: Tensor, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
+        batch = x.shape[0]
+        ids, rows = _grads(layer, x, g)
+        example = torch.arange(batch, device=x.device).repeat_interleave(ids.numel() // max(batch, 1))
+        out = rows.new_zeros(batch, *layer.weight.shape)
+        out.index_put_((example, ids), rows, accumulate=True)
+        return {"weight": out}

@@ -1,0 +1,82 @@
+"""nn.Linear with inputs of any rank (B, ..., d): all middle dims are flattened into T."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import LayerRule, Norms, Tensor, norm_dtype, register_rule, sq_norm, weighted_sum
+
+
+def use_ghost(tokens: int, out_features: int, in_features: int) -> bool:
+    """Mixed rule (Bu, Mao, Xu 2022): ghost norm iff its T×T Grams are smaller than one per-example gradient."""
+    return 2 * tokens * tokens < out_features * in_features
+
+
+def ghost_sq_norm(a: Tensor, g: Tensor) -> Tensor:
+    """``||g_i^T a_i||_F^2 = <a_i a_i^T, g_i g_i^T>`` for a: (B, T, d), g: (B, T, p), without forming g_i^T a_i."""
+    if a.shape[1] == 1:
+        return a.pow(2).sum(dim=(1, 2)) * g.pow(2).sum(dim=(1, 2))
+    aa = torch.bmm(a, a.transpose(1, 2))
+    gg = torch.bmm(g, g.transpose(1, 2))
+    return (aa * gg).sum(dim=(1, 2))
+
+
+def _flat(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, T, d) activations and (B, T, p) output grads."""
+    batch = x.shape[0]
+    return x.reshape(batch, -1, x.shape[-1]), g.reshape(batch, -1, g.shape[-1])
+
+
+@register_rule(nn.Linear)
+class LinearRule(LayerRule):
+    def forward(self, layer: nn.Linear, x: Tensor) -> Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+    def input_grad(self, layer: nn.Linear, x: Tensor, g: Tensor) -> Tensor:
+        return torch.matmul(g, layer.weight.to(g.dtype))
+
+    def norms(self, layer: nn.Linear, x: Tensor, g: Tensor, names: Iterable[str]) -> tuple[Norms, Any]:
+        a, gf = _flat(x, g)
+        dtype = norm_dtype(gf.dtype)
+        a, gf = a.to(dtype), gf.to(dtype)
+        out: Norms = {}
+        cache = None
+        if "weight" in names:
+            tokens, p, d = a.shape[1], gf.shape[2], a.shape[2]
+            if tokens == 1 or use_ghost(tokens, p, d):
+                out["weight"] = ghost_sq_norm(a, gf)
+            else:
+                cache = torch.bmm(gf.transpose(1, 2), a)
+                out["weight"] = sq_norm(cache)
+        if "bias" in names:
+            out["bias"] = sq_norm(gf.sum(dim=1))
+        return out, cache
+
+    def clipped_sum(
+        self, layer: nn.Linear, x: Tensor, g: Tensor, factors: dict[str, Tensor], cache: Any
+    ) -> dict[str, Tensor]:
+        a, gf = _flat(x, g)
+        out = {}
+        if "weight" in factors:
+            if cache is not None:
+                out["weight"] = weighted_sum(factors["weight"], cache)
+            else:
+                fg = gf * factors["weight"].to(gf.dtype)[:, None, None]
+                out["weight"] = fg.reshape(-1, fg.shape[-1]).t() @ a.reshape(-1, a.shape[-1]).to(fg.dtype)
+        if "bias" in factors:
+            out["bias"] = torch.einsum("b,bp->p", factors["bias"].to(gf.dtype), gf.sum(dim=1))
+        return out
+
+    def per_sample(self, layer: nn.Linear, x: Tensor, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
+        a, gf = _flat(x, g)
+        out = {}
+        if "weight" in names:
+            out["weight"] = torch.bmm(gf.transpose(1, 2), a.to(gf.dtype))
+        if "bias" in names:
+            out["bias"] = gf.sum(dim=1)
+        return out

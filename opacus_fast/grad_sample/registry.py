@@ -1,0 +1,99 @@
+"""Registry of layer rules: how each layer family yields per-example norms and clipped sums.
+
+A rule never sees the engine. It is given a layer, the input ``x`` the layer saw and the gradient ``g`` of the
+loss with respect to the layer's output (both with the batch as dim 0), and answers four questions:
+
+* ``forward``: the layer's output, computed functionally (no autograd graph to its parameters);
+* ``input_grad``: the gradient with respect to ``x`` (so autograd never computes weight gradients);
+* ``norms``: per-example squared gradient norms of the requested parameters (ghost or instantiated);
+* ``clipped_sum``: ``sum_i factor_i * G_i`` for each requested parameter;
+* ``per_sample``: the per-example gradients themselves (used when a parameter has several uses in one pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+Norms = dict[str, Tensor]
+
+
+class LayerRule:
+    """Base class of a layer rule; see the module docstring for the contract."""
+
+    #: methods of the layer class that must not be overridden by a subclass for this rule to apply
+    checked_methods: tuple[str, ...] = ("forward",)
+
+    def validate(self, layer: nn.Module) -> str | None:
+        """Return why ``layer`` cannot be handled exactly (None if it can)."""
+        return None
+
+    def prepare(self, layer: nn.Module, x: Tensor) -> Tensor:
+        """Ordinary differentiable pre-processing of the input (e.g. non-zero padding) before the capture."""
+        return x
+
+    def forward(self, layer: nn.Module, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def input_grad(self, layer: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def norms(self, layer: nn.Module, x: Tensor, g: Tensor, names: Iterable[str]) -> tuple[Norms, Any]:
+        """Per-example squared norms ``{name: (B,)}`` and a cache that ``clipped_sum`` may reuse."""
+        grads = self.per_sample(layer, x, g, names)
+        return {n: sq_norm(gs) for n, gs in grads.items()}, grads
+
+    def clipped_sum(
+        self, layer: nn.Module, x: Tensor, g: Tensor, factors: dict[str, Tensor], cache: Any
+    ) -> dict[str, Tensor]:
+        grads = cache if cache is not None else self.per_sample(layer, x, g, factors.keys())
+        return {n: weighted_sum(factors[n], grads[n]) for n in factors}
+
+    def per_sample(self, layer: nn.Module, x: Tensor, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+_RULES: dict[type[nn.Module], LayerRule] = {}
+
+
+def register_rule(*layer_types: type[nn.Module]) -> Callable[[type[LayerRule]], type[LayerRule]]:
+    """Class decorator: use this rule for the given layer types (and their subclasses that keep its methods)."""
+
+    def decorate(rule_cls: type[LayerRule]) -> type[LayerRule]:
+        for layer_type in layer_types:
+            _RULES[layer_type] = rule_cls()
+        return rule_cls
+
+    return decorate
+
+
+def find_rule(layer: nn.Module) -> LayerRule | None:
+    """The rule for ``layer``: its own type's, or a base type's if the subclass overrides none of its methods."""
+    for base in type(layer).__mro__:
+        rule = _RULES.get(base)
+        if rule is None:
+            continue
+        same = all(getattr(type(layer), m, None) is getattr(base, m, None) for m in rule.checked_methods)
+        return rule if same else None
+    return None
+
+
+def sq_norm(grads: Tensor) -> Tensor:
+    """Squared L2 norm of each row of a (B, ...) tensor, accumulated in at least float32."""
+    flat = grads.reshape(grads.shape[0], -1)
+    return flat.to(norm_dtype(flat.dtype)).pow(2).sum(dim=1)
+
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype for norm arithmetic: float32 for half types (Gram products overflow fp16), else unchanged."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def weighted_sum(factor: Tensor, grads: Tensor) -> Tensor:
+    """``sum_i factor_i * grads_i`` over the leading (batch) dim."""
+    return torch.einsum("b,b...->...", factor.to(grads.dtype), grads)
+

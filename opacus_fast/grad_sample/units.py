@@ -1,0 +1,81 @@
+"""Exact per-example gradients for parameters that no layer rule covers, computed for their owner alone.
+
+A *unit* is one method of one module (``forward`` of a leaf module such as timm's LayerScale, or e.g. timm
+VisionTransformer's ``_pos_embed``, which alone uses ``cls_token``, ``reg_token`` and ``pos_embed``). The unit runs
+once, vmapped over examples with a private copy of its parameters per example, so the backward through it yields
+every example's gradient directly — no per-example loop, no recomputation, and never the whole parent model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """Which method of a module type owns which of its parameters."""
+
+    method: str
+    params: tuple[str, ...]
+
+
+_UNITS: dict[str, UnitSpec] = {}
+
+
+def register_unit(qualified_type: str, method: str, params: Sequence[str]) -> None:
+    """Declare that ``method`` of the class named ``module.QualName`` is the only user of ``params``.
+
+    Types are named by string so that registering timm's classes does not import timm.
+    """
+    _UNITS[qualified_type] = UnitSpec(method, tuple(params))
+
+
+def find_unit(module: nn.Module) -> UnitSpec | None:
+    """The registered unit of ``module``'s exact class (subclasses may use the parameters differently)."""
+    cls = type(module)
+    return _UNITS.get(f"{cls.__module__}.{cls.__qualname__}")
+
+
+register_unit("timm.models.vision_transformer.VisionTransformer", "_pos_embed", ("cls_token", "reg_token", "pos_embed"))
+
+
+@contextlib.contextmanager
+def swapped_params(module: nn.Module, tensors: dict[str, Tensor]) -> Iterator[None]:
+    """Temporarily make ``module``'s own parameters ``tensors`` (plain tensors, e.g. vmapped per-example copies)."""
+    saved = {name: module._parameters[name] for name in tensors}
+    try:
+        for name, t in tensors.items():
+            module._parameters[name] = t
+        yield
+    finally:
+        module._parameters.update(saved)
+
+
+def run_per_example(
+    module: nn.Module, method, names: Sequence[str], inputs: Sequence[Tensor], kwargs: dict
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Run ``method`` vmapped over examples, each with its own parameter copy.
+
+    Returns (output, input leaves, per-example parameter leaves (B, *shape)); the output carries an autograd
+    graph to both kinds of leaves.
+    """
+    batch = inputs[0].shape[0]
+    leaves = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
+    copies = [
+        module._parameters[n].detach().unsqueeze(0).expand(batch, *module._parameters[n].shape).requires_grad_(True)
+        for n in names
+    ]
+
+    def one(xs: tuple, ps: tuple) -> Tensor:
+        with swapped_params(module, dict(zip(names, ps))):
+            return method(*[x.unsqueeze(0) for x in xs], **kwargs).squeeze(0)
+
+    out = torch.func.vmap(one, randomness="different")(tuple(leaves), tuple(copies))
+    return out, leaves, copies

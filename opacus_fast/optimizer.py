@@ -1,0 +1,104 @@
+"""DP optimizer for the BK engine: noise exactly once per logical batch, std σ·C, then the wrapped step.
+
+The clipping engine has already put each parameter's clipped per-example sum into ``p.summed_grad`` (summed over
+all physical batches of the logical batch). This optimizer only decides when a logical batch ends, adds the noise,
+scales, calls the accountant hook and steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _generate_noise
+from torch.optim import Optimizer
+
+from .data.context import BatchContext
+
+
+class FastDPOptimizer(DPOptimizer):
+    """An Opacus ``DPOptimizer`` whose clipping happens in the BK engine during backward.
+
+    Args:
+        optimizer: the user's optimizer.
+        noise_multiplier: σ; the noise std is σ·C with C the (flat or L2-combined per-layer) clip bound.
+        max_grad_norm: the flat clip bound C (for per-layer clipping, the L2 norm of the per-layer bounds).
+        expected_batch_size: the divisor of the noisy sum when ``loss_reduction="mean"`` (N·q for Poisson).
+        context: where the data loader says whether the current physical batch ends its logical batch.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: float | None,
+        loss_reduction: str = "mean",
+        generator: torch.Generator | None = None,
+        secure_mode: bool = False,
+        context: BatchContext | None = None,
+    ) -> None:
+        super().__init__(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction=loss_reduction,
+            generator=generator,
+            secure_mode=secure_mode,
+        )
+        self.context = context
+        #: called with the list of summed clipped gradients before noise (distributed all-reduce goes here)
+        self.reduce_hook: Callable[[Sequence[torch.Tensor]], None] | None = None
+
+    @property
+    def accumulated_iterations(self) -> int:
+        """One optimizer step is always one logical batch (physical batches are not separate samples)."""
+        return 1
+
+    @property
+    def grad_samples(self) -> list[torch.Tensor]:
+        """The BK engine never materialises per-sample gradients."""
+        return []
+
+    def clip_and_accumulate(self) -> None:
+        """Nothing to do: the engine clipped and accumulated during backward."""
+
+    def _logical_batch_continues(self) -> bool:
+        skip = self._check_skip_next_step()
+        info = self.context.current if self.context is not None else None
+        return skip or (info is not None and not info.is_last)
+
+    def pre_step(self, closure: Callable[[], float] | None = None) -> bool:
+        if self._logical_batch_continues():
+            self._is_last_step_skipped = True
+            return False
+        self.add_noise()
+        self.scale_grad()
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
+    def add_noise(self) -> None:
+        """``p.grad = summed clipped grads + N(0, σ²C²)``, drawn once per parameter per logical batch."""
+        sums = [p.summed_grad if getattr(p, "summed_grad", None) is not None else torch.zeros_like(p)
+                for p in self.params]
+        if self.reduce_hook is not None:
+            self.reduce_hook(sums)
+        for p, s in zip(self.params, sums):
+            noise = _generate_noise(
+                std=self.noise_multiplier * self.max_grad_norm,
+                reference=s,
+                generator=self.generator,
+                secure_mode=self.secure_mode,
+            )
+            p.grad = (s + noise).view_as(p)
+            p.summed_grad = None
+
+    def scale_grad(self) -> None:
+        if self.loss_reduction == "mean":
+            for p in self.params:
+                p.grad /= self.expected_batch_size

@@ -1,0 +1,174 @@
+"""``PrivacyEngine.make_private_fast``: Opacus' ``make_private`` with single-backward Book-Keeping clipping."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import opacus
+from opacus.grad_sample import GradSampleModule
+from torch import nn, optim
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from .data.context import BatchContext
+from .engine import BKEngine, plan_sites
+from .optimizer import FastDPOptimizer
+
+
+class BKGradSampleModule(nn.Module):
+    """The user's model with BK captures attached; ``._module`` is the user's model, ``.cleanup()`` restores it."""
+
+    def __init__(self, module: nn.Module, engine: BKEngine) -> None:
+        super().__init__()
+        self._module = module
+        self.__dict__["_engine"] = engine
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._module(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["_module"], name)
+
+    def cleanup(self) -> nn.Module:
+        """Detach every capture and hook; returns the user's model, as it was before ``make_private_fast``."""
+        self._engine.detach()
+        return self._module
+
+
+def _check_options(
+    *,
+    module: nn.Module,
+    optimizer: optim.Optimizer,
+    noise_multiplier: float,
+    max_grad_norm: float | Sequence[float],
+    batch_first: bool,
+    loss_reduction: str,
+    clipping: str,
+    grad_sample_mode: str,
+    wrap_model: bool,
+    unsupported: dict[str, Any],
+) -> list[nn.Parameter]:
+    """Validate everything before anything is modified; return the optimizer's trainable parameters."""
+    if unsupported:
+        raise TypeError(f"make_private_fast does not support the option(s) {sorted(unsupported)} yet")
+    if grad_sample_mode != "bk":
+        raise ValueError(f"grad_sample_mode={grad_sample_mode!r}: make_private_fast supports 'bk' only")
+    if clipping not in ("flat", "per_layer"):
+        raise ValueError(f"clipping={clipping!r}: make_private_fast supports 'flat' and 'per_layer'")
+    if not batch_first:
+        raise ValueError("batch_first=False is not supported: put the batch in dim 0 of every layer input")
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    if not wrap_model:
+        raise ValueError("wrap_model=False is not supported: use the returned model")
+    if noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    if isinstance(module, (BKGradSampleModule, GradSampleModule)):
+        raise TypeError("the module is already wrapped for DP training; pass the original model")
+    if isinstance(module, DistributedDataParallel):
+        raise TypeError("plain DistributedDataParallel is not supported yet")
+    model_params = {id(p) for p in module.parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    if any(id(p) not in model_params for p in params):
+        raise ValueError("the optimizer holds parameters that are not the module's parameters")
+    if clipping == "per_layer":
+        if isinstance(max_grad_norm, (int, float)) or len(max_grad_norm) != len(params):
+            raise ValueError(
+                f"clipping='per_layer' needs a list of {len(params)} bounds (one per trainable parameter, in "
+                "optimizer order)"
+            )
+        bounds = list(max_grad_norm)
+    else:
+        if not isinstance(max_grad_norm, (int, float)):
+            raise ValueError("clipping='flat' needs a single max_grad_norm (use clipping='per_layer' for a list)")
+        bounds = [max_grad_norm]
+    if any(not (b > 0) for b in bounds):
+        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+    return params
+
+
+class PrivacyEngine(opacus.PrivacyEngine):
+    """Opacus' PrivacyEngine plus :meth:`make_private_fast` (and its ``_with_epsilon`` variant)."""
+
+    def make_private_fast(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: optim.Optimizer,
+        data_loader: DataLoader,
+        noise_multiplier: float,
+        max_grad_norm: float | Sequence[float],
+        batch_first: bool = True,
+        loss_reduction: str = "mean",
+        poisson_sampling: bool = True,
+        clipping: str = "flat",
+        noise_generator=None,
+        grad_sample_mode: str = "bk",
+        criterion: Any = None,
+        wrap_model: bool = True,
+        max_physical_batch_size: int | None = None,
+        pad_physical_batches: bool | None = None,
+        sample_rate: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[BKGradSampleModule, FastDPOptimizer, DataLoader]:
+        """Make ``module``, ``optimizer`` and ``data_loader`` private; same keywords and return as ``make_private``.
+
+        One forward and one ordinary ``loss.backward()`` per physical batch: per-example gradient norms and the
+        clipped sum come from the BK engine, noise N(0, σ²C²) is added once per logical batch. ``criterion`` is
+        accepted for drop-in compatibility and not needed. Extra keywords:
+
+        Args:
+            max_physical_batch_size: split each Poisson logical batch into physical batches of at most this size.
+            pad_physical_batches: pad every physical batch to exactly ``max_physical_batch_size`` rows with masked
+                examples (default: on whenever ``max_physical_batch_size`` is set), so every step has one shape.
+            sample_rate: Poisson rate q (default ``1 / len(data_loader)``, as Opacus).
+        """
+        if noise_generator is not None and self.secure_mode:
+            raise ValueError("Passing seed is prohibited in secure mode")
+        params = _check_options(
+            module=module, optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            batch_first=batch_first, loss_reduction=loss_reduction, clipping=clipping,
+            grad_sample_mode=grad_sample_mode, wrap_model=wrap_model, unsupported=kwargs,
+        )
+        plan_sites(module)  # raises, naming every unsupported part, before anything is changed
+        if isinstance(optimizer, FastDPOptimizer):
+            optimizer = optimizer.original_optimizer
+
+        context = BatchContext()
+        if poisson_sampling:
+            from .data import DPDataLoader
+
+            loader = DPDataLoader.from_data_loader(
+                data_loader, sample_rate=sample_rate, max_physical_batch_size=max_physical_batch_size,
+                pad=pad_physical_batches, generator=self.secure_rng, secure_mode=self.secure_mode, context=context,
+            )
+            rate, expected = loader.sample_rate, loader.expected_batch_size
+        else:
+            if max_physical_batch_size is not None or sample_rate is not None:
+                raise ValueError("max_physical_batch_size and sample_rate need poisson_sampling=True")
+            warnings.warn(
+                "poisson_sampling=False: batches are not Poisson-sampled, so the accountant's (ε, δ) guarantee "
+                "does not hold for this training run",
+                stacklevel=2,
+            )
+            loader = data_loader
+            rate, expected = 1 / len(data_loader), data_loader.batch_size
+        if self.dataset is None:
+            self.dataset = data_loader.dataset
+
+        engine = BKEngine(module, max_grad_norm=max_grad_norm, params=params, loss_reduction=loss_reduction,
+                          context=context)
+        flat_bound = max_grad_norm if clipping == "flat" else math.sqrt(sum(b * b for b in max_grad_norm))
+        dp_optimizer = FastDPOptimizer(
+            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=flat_bound, expected_batch_size=expected,
+            loss_reduction=loss_reduction, generator=self.secure_rng if self.secure_mode else noise_generator,
+            secure_mode=self.secure_mode, context=context,
+        )
+        dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=rate))
+        return BKGradSampleModule(module, engine), dp_optimizer, loader

@@ -1,0 +1,104 @@
+"""The BK clipped sum equals the exact per-example reference (Opacus' microbatch oracle), in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import RepeatedCall, TiedLM, TinyTransformer, cnn1d, cnn2d, cnn3d, linear4d, mlp
+from oracle import bk_clipped_sum, loop_clipped_sum, median_bound, reference_clipped_sum
+from torch import nn
+
+RTOL = 1e-6
+
+
+def _inputs(name: str, batch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    shapes = {
+        "mlp": (batch, 7),
+        "cnn2d": (batch, 3, 12, 12),
+        "cnn1d": (batch, 2, 16),
+        "cnn3d": (batch, 2, 3, 8, 8),
+        "linear4d": (batch, 3, 4, 5),
+        "repeated": (batch, 6),
+    }
+    if name in shapes:
+        return torch.randn(*shapes[name], generator=g, dtype=torch.float64)
+    ids = torch.randint(1, 9, (batch, 6), generator=g)
+    ids[0, 4:] = 0  # padding_idx positions
+    ids[1, :2] = ids[1, 2]  # a repeated token within one example
+    return ids
+
+
+def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    factories = {
+        "mlp": mlp, "cnn2d": cnn2d, "cnn1d": cnn1d, "cnn3d": cnn3d, "linear4d": linear4d,
+        "transformer": TinyTransformer, "tied": TiedLM, "repeated": RepeatedCall,
+    }
+    return factories[name]().double()
+
+
+def assert_exact(model: nn.Module, x: torch.Tensor, loss_reduction: str = "sum") -> None:
+    """Choose C so that some examples are clipped and some are not, then compare every parameter."""
+    _, norms = reference_clipped_sum(model, x, 1.0, loss_reduction)
+    bound = median_bound(norms)
+    assert (norms > bound).any() and (norms < bound).any()
+    expected, _ = reference_clipped_sum(model, x, bound, loss_reduction)
+    got = bk_clipped_sum(model, x, bound, loss_reduction)
+    assert set(got) == set(expected)
+    total = torch.sqrt(sum(r.pow(2).sum() for r in expected.values()))
+    for name, ref in expected.items():
+        # a parameter whose true gradient vanishes (a bias before a norm layer) is compared to the total's scale
+        err = (got[name] - ref).norm() / torch.maximum(ref.norm(), 1e-6 * total)
+        assert err <= RTOL, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn2d", "cnn1d", "cnn3d", "linear4d", "transformer", "tied", "repeated"])
+@pytest.mark.parametrize("loss_reduction", ["sum", "mean"])
+def test_small_models_exact(name: str, loss_reduction: str) -> None:
+    assert_exact(_model(name), _inputs(name, 6), loss_reduction)
+
+
+def test_ghost_and_instantiated_paths_agree() -> None:
+    """Long sequences force ghost norms, short ones instantiation: both must be exact."""
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(3, 40), nn.Tanh(), nn.Linear(40, 2)).double()
+    for tokens in (2, 30):  # first layer: 2T^2 = 8 < p*d = 120 (ghost), 1800 > 120 (instantiated)
+        x = torch.randn(5, tokens, 3, dtype=torch.float64)
+        assert_exact(wide, x)
+
+
+def test_frozen_parameters_are_skipped() -> None:
+    model = _model("mlp")
+    model[0].weight.requires_grad_(False)
+    x = _inputs("mlp", 6)
+    expected = loop_clipped_sum(model, x, 0.5)
+    got = bk_clipped_sum(model, x, 0.5)
+    assert set(got) == set(expected) and "0.weight" not in got
+    for name, ref in expected.items():
+        assert (got[name] - ref).norm() <= RTOL * ref.norm(), name
+    assert getattr(model[0].weight, "summed_grad", None) is None and model[0].weight.grad is None
+
+
+def test_timm_vit_exact() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2, num_classes=3, reg_tokens=2, init_values=0.1
+    ).double()
+    assert_exact(model, torch.randn(4, 3, 16, 16, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("source", ["timm", "torchvision"])
+def test_resnet18_exact(source: str) -> None:
+    from opacus.validators import ModuleValidator
+
+    torch.manual_seed(0)
+    if source == "timm":
+        timm = pytest.importorskip("timm")
+        model = timm.create_model("resnet18", num_classes=3)
+    else:
+        torchvision = pytest.importorskip("torchvision")
+        model = torchvision.models.resnet18(num_classes=3)
+    model = ModuleValidator.fix(model).double()
+    assert_exact(model, torch.randn(3, 3, 32, 32, dtype=torch.float64), "mean")
