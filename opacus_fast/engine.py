@@ -303,6 +303,10 @@ class BKEngine:
                     "needs the batch as dim 0 of every layer input (batch_first=True)"
                 )
         mask = self._mask(batch)
+        if batch == 0:  # an empty (unpadded) logical batch: nothing to clip; the step is noise only
+            for fn in self.after_backward:
+                fn()
+            return
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
 
         uses: dict[nn.Parameter, int] = defaultdict(int)

@@ -13,6 +13,7 @@ from torch import nn, optim
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from .accounting import get_noise_multiplier
 from .data.context import BatchContext
 from .engine import BKEngine, plan_sites
 from .optimizer import FastDPOptimizer
@@ -172,3 +173,40 @@ class PrivacyEngine(opacus.PrivacyEngine):
         )
         dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=rate))
         return BKGradSampleModule(module, engine), dp_optimizer, loader
+
+    def make_private_fast_with_epsilon(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: optim.Optimizer,
+        data_loader: DataLoader,
+        target_epsilon: float,
+        target_delta: float,
+        max_grad_norm: float | Sequence[float],
+        epochs: float | None = None,
+        steps: int | None = None,
+        epsilon_tolerance: float = 0.01,
+        sample_rate: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[BKGradSampleModule, FastDPOptimizer, DataLoader]:
+        """:meth:`make_private_fast` with σ calibrated so that the accountant's ε after ``epochs`` (or ``steps``)
+        logical steps is at most ``target_epsilon`` (the conservative side of the search)."""
+        if (epochs is None) == (steps is None):
+            raise ValueError("give exactly one of epochs and steps")
+        rate = sample_rate if sample_rate is not None else 1 / len(data_loader)
+        total_steps = steps if steps is not None else math.ceil(epochs / rate)
+        if len(self.accountant) > 0:
+            warnings.warn(
+                "this PrivacyEngine has already spent privacy; σ is calibrated for the new run alone, while "
+                "get_epsilon() reports the total",
+                stacklevel=2,
+            )
+        sigma = get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=rate, steps=total_steps,
+            accountant=self.accountant.mechanism(), epsilon_tolerance=epsilon_tolerance,
+        )
+        return self.make_private_fast(
+            module=module, optimizer=optimizer, data_loader=data_loader, noise_multiplier=sigma,
+            max_grad_norm=max_grad_norm, sample_rate=sample_rate, **kwargs,
+        )
+

@@ -49,7 +49,7 @@ def bk_clipped_sum(
     model: nn.Module, x: torch.Tensor, max_grad_norm: float, loss_reduction: str = "sum"
 ) -> dict[str, torch.Tensor]:
     """The BK engine's clipped sum on the same batch and loss (engine attached, one backward, then detached)."""
-    params = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     engine = BKEngine(model, max_grad_norm=max_grad_norm, params=list(params.values()), loss_reduction=loss_reduction)
     try:
         l1_loss(model(x), loss_reduction).backward()

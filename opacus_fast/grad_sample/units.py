@@ -77,5 +77,8 @@ def run_per_example(
         with swapped_params(module, dict(zip(names, ps))):
             return method(*[x.unsqueeze(0) for x in xs], **kwargs).squeeze(0)
 
+    if batch == 0:  # vmap cannot map over nothing; the empty output still needs its shape
+        with swapped_params(module, {n: module._parameters[n].detach() for n in names}):
+            return method(*leaves, **kwargs), leaves, copies
     out = torch.func.vmap(one, randomness="different")(tuple(leaves), tuple(copies))
     return out, leaves, copies

@@ -1,0 +1,308 @@
+"""make_private_fast end to end: the user's loop, noise, physical batches, accounting, errors and cleanup."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import mlp
+from opacus.grad_sample import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from oracle import l1_loss, loop_clipped_sum
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from opacus_fast import PrivacyEngine, UnsupportedModuleError
+
+
+def _data(n: int = 64, dim: int = 7) -> TensorDataset:
+    g = torch.Generator().manual_seed(3)
+    return TensorDataset(torch.randn(n, dim, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g))
+
+
+def _setup(batch_size: int = 16, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    model = mlp().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(_data(), batch_size=batch_size)
+    engine = PrivacyEngine()
+    options = {"noise_multiplier": 0.0, "max_grad_norm": 0.8, **kwargs}  # per-example norms ≈ 0.7–1.0
+    private = engine.make_private_fast(module=model, optimizer=optimizer, data_loader=loader, **options)
+    return engine, model, private
+
+
+def test_loop_update_equals_reference() -> None:
+    """Noiseless update after one logical step == exact clipped sum of the sampled batch / expected batch size."""
+    _engine, model, (pmodel, optimizer, loader) = _setup()
+    reference = mlp().double()
+    reference.load_state_dict(model.state_dict())
+    for x, _ in loader:
+        if len(x) >= 2:
+            break
+    optimizer.zero_grad()
+    l1_loss(pmodel(x), "mean").backward()
+    optimizer.step()
+    expected = loop_clipped_sum(reference, x, 0.8, "mean")
+    for (name, _), p in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, expected[name] / loader.expected_batch_size, rtol=1e-6, atol=1e-12)
+
+
+def test_matches_opacus_hooks_mode() -> None:
+    """Second oracle: Opacus' own GradSampleModule + DPOptimizer with noise 0 on the same batch."""
+    _engine, model, (pmodel, optimizer, _) = _setup(loss_reduction="sum", max_grad_norm=2.5)
+    twin = mlp().double()
+    twin.load_state_dict(model.state_dict())
+    gsm = GradSampleModule(twin, loss_reduction="sum")
+    opacus_opt = DPOptimizer(torch.optim.SGD(twin.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=2.5,
+                             expected_batch_size=8, loss_reduction="sum")
+    x = _data().tensors[0][:8]
+    for m, opt in ((pmodel, optimizer), (gsm, opacus_opt)):
+        opt.zero_grad()
+        l1_loss(m(x), "sum").backward()
+        opt.pre_step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-12)
+
+
+def test_noise_once_per_logical_step_with_std_sigma_c() -> None:
+    """Replaying the noise generator reproduces p.grad exactly: one N(0, σ²C²) draw per parameter per step."""
+    torch.manual_seed(0)
+    model = nn.Linear(50, 40).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loader = DataLoader(_data(64, 50), batch_size=16)
+    sigma, bound = 1.3, 0.7
+    gen = torch.Generator().manual_seed(7)
+    pmodel, dp_opt, dp_loader = PrivacyEngine().make_private_fast(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma, max_grad_norm=bound,
+        noise_generator=gen, max_physical_batch_size=4,
+    )
+    replay = torch.Generator().manual_seed(7)
+    steps = 0
+    for x, _ in dp_loader:
+        info = dp_loader.context.current
+        dp_opt.zero_grad()
+        (pmodel(x) * 0).sum().backward()  # zero gradients: p.grad is pure noise
+        dp_opt.step()
+        if not info.is_last:
+            continue
+        steps += 1
+        for p in model.parameters():
+            noise = torch.normal(0, sigma * bound, p.shape, generator=replay, dtype=p.dtype)
+            torch.testing.assert_close(p.grad, noise / dp_loader.expected_batch_size, rtol=1e-12, atol=0)
+    assert steps == len(loader)  # q = 1 / len(loader): that many logical steps per epoch
+    std = (model.weight.grad * dp_loader.expected_batch_size).std().item()
+    assert abs(std / (sigma * bound) - 1) < 0.05  # 2000 draws: sd of the ratio ≈ 0.016, so 3 sd
+
+
+def _logical_batches(loader, pmodel, optimizer, loss_reduction: str = "mean"):
+    """Run the user's loop; yield (real rows of the logical batch, p.grads) after each logical step."""
+    rows = []
+    for x, _ in loader:
+        info = loader.context.current
+        rows.append(x if info.mask is None else x[info.mask])
+        optimizer.zero_grad()
+        l1_loss(pmodel(x), loss_reduction).backward()
+        optimizer.step()
+        if info.is_last:
+            yield torch.cat(rows), [p.grad.clone() for p in optimizer.params]
+            rows = []
+
+
+@pytest.mark.parametrize("pad", [True, False])
+def test_physical_batches_equal_logical_batch(pad: bool) -> None:
+    """Padded or not, a logical batch split into physical batches gives the exact clipped sum of the whole batch."""
+    _engine, model, (pmodel, optimizer, loader) = _setup(max_physical_batch_size=5, pad_physical_batches=pad)
+    reference = mlp().double()
+    reference.load_state_dict(model.state_dict())
+    optimizer.original_optimizer.param_groups[0]["lr"] = 0.0
+    seen = 0
+    for batch, grads in _logical_batches(loader, pmodel, optimizer):
+        if len(batch) < 6:
+            continue
+        seen += 1
+        expected = loop_clipped_sum(reference, batch, 0.8, "mean")
+        for name, got in zip(expected, grads):
+            torch.testing.assert_close(got, expected[name] / loader.expected_batch_size, rtol=1e-6, atol=1e-12)
+    assert seen >= 2
+
+
+@pytest.mark.parametrize("pad", [True, False])
+def test_empty_logical_batches_are_noise_only_steps(pad: bool) -> None:
+    """q so small that most logical batches are empty: each is still one step, one noise draw, one accountant step."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    engine = PrivacyEngine(accountant="rdp")
+    gen = torch.Generator().manual_seed(1)
+    pmodel, dp_opt, loader = engine.make_private_fast(
+        module=model, optimizer=optimizer, data_loader=DataLoader(_data(), batch_size=8), noise_multiplier=1.0,
+        max_grad_norm=1.0, sample_rate=0.005, max_physical_batch_size=4 if pad else None,
+        pad_physical_batches=pad, noise_generator=gen,
+    )
+    empty, steps = 0, 0
+    for batch, grads in _logical_batches(loader, pmodel, dp_opt):
+        steps += 1
+        empty += len(batch) == 0
+        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    assert empty >= 150 and steps == 200  # P(at least one example) per step ≈ 0.27
+    assert sum(n for _, _, n in engine.accountant.history) == steps
+
+
+def test_accumulation_without_poisson_sums_physical_batches() -> None:
+    """poisson_sampling=False: several backward() calls before one step() add their clipped sums."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    reference = mlp().double()
+    reference.load_state_dict(model.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with pytest.warns(UserWarning, match="poisson_sampling=False"):
+        pmodel, dp_opt, _ = PrivacyEngine().make_private_fast(
+            module=model, optimizer=optimizer, data_loader=DataLoader(_data(), batch_size=8), noise_multiplier=0.0,
+            max_grad_norm=2.5, loss_reduction="sum", poisson_sampling=False,
+        )
+    x = _data().tensors[0][:10]
+    dp_opt.zero_grad()
+    for part in (x[:4], x[4:]):
+        l1_loss(pmodel(part), "sum").backward()
+    dp_opt.step()
+    expected = loop_clipped_sum(reference, x, 2.5, "sum")
+    for name, p in zip(expected, model.parameters()):
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=1e-12)
+
+
+def test_per_layer_clipping_matches_reference() -> None:
+    _engine, model, (pmodel, optimizer, _) = _setup(clipping="per_layer", max_grad_norm=[0.1, 0.2, 0.3, 0.1, 0.2, 0.3],
+                                                   loss_reduction="sum")
+    reference = mlp().double()
+    reference.load_state_dict(model.state_dict())
+    x = _data().tensors[0][:8]
+    optimizer.zero_grad()
+    l1_loss(pmodel(x), "sum").backward()
+    optimizer.pre_step()
+    params = list(reference.parameters())
+    per_example = [torch.autograd.grad(l1_loss(reference(x[i : i + 1]), "sum"), params) for i in range(8)]
+    for j, (p, bound) in enumerate(zip(model.parameters(), [0.1, 0.2, 0.3, 0.1, 0.2, 0.3])):
+        expected = sum((bound / (g[j].norm() + 1e-6)).clamp(max=1.0) * g[j] for g in per_example)
+        torch.testing.assert_close(p.grad, expected, rtol=1e-6, atol=1e-12)
+    assert optimizer.max_grad_norm == pytest.approx((2 * (0.01 + 0.04 + 0.09)) ** 0.5)
+
+
+def test_cleanup_restores_the_model() -> None:
+    torch.manual_seed(0)
+    model = mlp().double()
+    x = _data().tensors[0][:5]
+    before = model(x)
+    pmodel, _, _ = PrivacyEngine().make_private_fast(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(_data()),
+        noise_multiplier=1.0, max_grad_norm=1.0,
+    )
+    assert pmodel._module is model
+    assert pmodel.cleanup() is model
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert all(not p._backward_hooks for p in model.parameters())
+    torch.testing.assert_close(model(x), before)
+    l1_loss(model(x), "sum").backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+class _OwnParamAndChildren(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * self.scale
+
+
+class _ReadsChildWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.fc.weight.t()
+
+
+@pytest.mark.parametrize(
+    "model, match",
+    [
+        (lambda: nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), r"'1' \(BatchNorm1d\).*ModuleValidator\.fix"),
+        (lambda: nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3).requires_grad_(False)), "BatchNorm1d"),
+        (lambda: nn.MultiheadAttention(3, 1, batch_first=True), r"in_proj_weight.*register_unit"),
+        (lambda: _OwnParamAndChildren(), r"\(scale\)"),
+        (lambda: nn.Sequential(nn.Embedding(5, 3, max_norm=1.0)), "max_norm"),
+        (lambda: nn.Sequential(nn.InstanceNorm1d(3, affine=True, track_running_stats=True)), "track_running_stats"),
+    ],
+)
+def test_unsupported_models_fail_clearly_and_are_left_untouched(model, match: str) -> None:
+    model = model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(UnsupportedModuleError, match=match):
+        PrivacyEngine().make_private_fast(module=model, optimizer=optimizer, data_loader=DataLoader(_data(8, 3)),
+                                          noise_multiplier=1.0, max_grad_norm=1.0)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert not isinstance(optimizer, DPOptimizer)
+
+
+def test_parameter_used_outside_its_module_is_refused_at_backward() -> None:
+    model = _ReadsChildWeight().double()
+    pmodel, _, _ = PrivacyEngine().make_private_fast(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(_data(8, 3)),
+        noise_multiplier=1.0, max_grad_norm=1.0,
+    )
+    with pytest.raises(UnsupportedModuleError, match="'fc.weight' received an ordinary gradient"):
+        l1_loss(pmodel(torch.randn(2, 3, dtype=torch.float64)), "sum").backward()
+
+
+def test_backward_twice_on_one_physical_batch_is_refused() -> None:
+    _engine, _model, (pmodel, _optimizer, loader) = _setup()
+    batches = iter(loader)  # kept alive: the loader withdraws the batch info when its iterator closes
+    x, _ = next(batches)
+    l1_loss(pmodel(x), "mean").backward()
+    with pytest.raises(RuntimeError, match="backward\\(\\) ran twice on the same physical batch"):
+        l1_loss(pmodel(x), "mean").backward()
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"grad_sample_mode": "hooks"}, ValueError, "'bk'"),
+        ({"clipping": "adaptive"}, ValueError, "'flat' and 'per_layer'"),
+        ({"batch_first": False}, ValueError, "batch_first"),
+        ({"target_unclipped_quantile": 0.5}, TypeError, "target_unclipped_quantile"),
+        ({"clipping": "per_layer"}, ValueError, "list of 6 bounds"),
+        ({"max_grad_norm": 0.0}, ValueError, "max_grad_norm must be > 0"),
+        ({"noise_multiplier": -1.0}, ValueError, "noise_multiplier"),
+    ],
+)
+def test_bad_options_fail_clearly(options: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        _setup(**options)
+
+
+def test_optimizer_with_foreign_parameters_is_refused() -> None:
+    model = mlp()
+    optimizer = torch.optim.SGD(list(model.parameters()) + [nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.raises(ValueError, match="not the module's parameters"):
+        PrivacyEngine().make_private_fast(module=model, optimizer=optimizer, data_loader=DataLoader(_data()),
+                                          noise_multiplier=1.0, max_grad_norm=1.0)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_with_epsilon_reaches_target() -> None:
+    torch.manual_seed(0)
+    model = mlp().double()
+    engine = PrivacyEngine(accountant="rdp")
+    pmodel, dp_opt, loader = engine.make_private_fast_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), data_loader=DataLoader(_data(), 8),
+        target_epsilon=2.0, target_delta=1e-5, epochs=2, max_grad_norm=1.0,
+    )
+    for _ in range(2):
+        for x, y in loader:
+            dp_opt.zero_grad()
+            nn.functional.cross_entropy(pmodel(x), y).backward()
+            dp_opt.step()
+    eps = engine.get_epsilon(1e-5)
+    assert 1.9 < eps <= 2.0
