@@ -44,13 +44,13 @@ class Record:
     """What one call of a site left for the end of backward."""
 
     site: Site
-    x: Tensor | None = None
+    saved: tuple[Tensor, ...] = ()
     g: Tensor | None = None
     per_sample: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
-        return self.x.shape[0] if self.x is not None else next(iter(self.per_sample.values())).shape[0]
+        return self.saved[0].shape[0] if self.saved else next(iter(self.per_sample.values())).shape[0]
 
 
 def _amp_state(x: Tensor) -> tuple[str, bool, torch.dtype]:
@@ -63,20 +63,21 @@ class _LayerCapture(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, engine: BKEngine, site: Site, x: Tensor, anchor: Tensor) -> Tensor:
-        ctx.engine, ctx.site, ctx.amp = engine, site, _amp_state(x)
-        ctx.save_for_backward(x)
-        return site.rule.forward(site.module, x)
+        ctx.engine, ctx.site, ctx.amp, ctx.x_dtype = engine, site, _amp_state(x), x.dtype
+        out, saved = site.rule.forward(site.module, x)
+        ctx.save_for_backward(*saved)
+        return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        (x,) = ctx.saved_tensors
-        ctx.engine.record(Record(ctx.site, x=x, g=g))
+        saved = ctx.saved_tensors
+        ctx.engine.record(Record(ctx.site, saved=saved, g=g))
         grad_x = None
         if ctx.needs_input_grad[2]:
             dev, enabled, dtype = ctx.amp
             with torch.autocast(dev, dtype=dtype, enabled=enabled):
-                grad_x = ctx.site.rule.input_grad(ctx.site.module, x, g)
-            grad_x = grad_x.to(x.dtype)
+                grad_x = ctx.site.rule.input_grad(ctx.site.module, saved, g)
+            grad_x = grad_x.to(ctx.x_dtype)
         return None, None, grad_x, None
 
 
@@ -326,10 +327,10 @@ class BKEngine:
                 grads = {n: rec.per_sample[n] for n in repeated}
             else:
                 if single:
-                    norms, cache = rec.site.rule.norms(rec.site.module, rec.x, rec.g, single)
+                    norms, cache = rec.site.rule.norms(rec.site.module, rec.saved, rec.g, single)
                     for n in single:
                         sq[rec.site.params[n]] = norms[n]
-                grads = rec.site.rule.per_sample(rec.site.module, rec.x, rec.g, repeated) if repeated else {}
+                grads = rec.site.rule.per_sample(rec.site.module, rec.saved, rec.g, repeated) if repeated else {}
             for n, grad in grads.items():
                 p = rec.site.params[n]
                 multi[p] = grad if p not in multi else multi[p] + grad
@@ -345,7 +346,7 @@ class BKEngine:
             if rec.per_sample:
                 sums = {n: weighted_sum(f, rec.per_sample[n]) for n, f in wanted.items()}
             else:
-                sums = rec.site.rule.clipped_sum(rec.site.module, rec.x, rec.g, wanted, cache)
+                sums = rec.site.rule.clipped_sum(rec.site.module, rec.saved, rec.g, wanted, cache)
             for n, s in sums.items():
                 _accumulate(rec.site.params[n], s)
         for p, grad in multi.items():

@@ -10,11 +10,11 @@ from typing import Any
 import opacus
 from opacus.grad_sample import GradSampleModule
 from torch import nn, optim
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from .accounting import get_noise_multiplier
 from .data.context import BatchContext
+from .distributed import DistributedFastDPOptimizer, unwrap_distributed
 from .engine import BKEngine, plan_sites
 from .optimizer import FastDPOptimizer
 
@@ -72,8 +72,6 @@ def _check_options(
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
     if isinstance(module, (BKGradSampleModule, GradSampleModule)):
         raise TypeError("the module is already wrapped for DP training; pass the original model")
-    if isinstance(module, DistributedDataParallel):
-        raise TypeError("plain DistributedDataParallel is not supported yet")
     model_params = {id(p) for p in module.parameters()}
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     if any(id(p) not in model_params for p in params):
@@ -129,9 +127,15 @@ class PrivacyEngine(opacus.PrivacyEngine):
             pad_physical_batches: pad every physical batch to exactly ``max_physical_batch_size`` rows with masked
                 examples (default: on whenever ``max_physical_batch_size`` is set), so every step has one shape.
             sample_rate: Poisson rate q (default ``1 / len(data_loader)``, as Opacus).
+
+        Distributed training: pass the model wrapped in ``opacus_fast.distributed.DPDistributedModule`` (or in
+        ``DistributedDataParallel``) on every rank; see :mod:`opacus_fast.distributed`.
         """
         if noise_generator is not None and self.secure_mode:
             raise ValueError("Passing seed is prohibited in secure mode")
+        setup = unwrap_distributed(module, poisson_sampling=poisson_sampling)
+        if setup is not None:
+            module = setup.module
         params = _check_options(
             module=module, optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
             batch_first=batch_first, loss_reduction=loss_reduction, clipping=clipping,
@@ -148,6 +152,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
             loader = DPDataLoader.from_data_loader(
                 data_loader, sample_rate=sample_rate, max_physical_batch_size=max_physical_batch_size,
                 pad=pad_physical_batches, generator=self.secure_rng, secure_mode=self.secure_mode, context=context,
+                distributed=setup is not None,
             )
             rate, expected = loader.sample_rate, loader.expected_batch_size
         else:
@@ -166,11 +171,14 @@ class PrivacyEngine(opacus.PrivacyEngine):
         engine = BKEngine(module, max_grad_norm=max_grad_norm, params=params, loss_reduction=loss_reduction,
                           context=context)
         flat_bound = max_grad_norm if clipping == "flat" else math.sqrt(sum(b * b for b in max_grad_norm))
-        dp_optimizer = FastDPOptimizer(
+        optimizer_class = FastDPOptimizer if setup is None else DistributedFastDPOptimizer
+        dp_optimizer = optimizer_class(
             optimizer, noise_multiplier=noise_multiplier, max_grad_norm=flat_bound, expected_batch_size=expected,
             loss_reduction=loss_reduction, generator=self.secure_rng if self.secure_mode else noise_generator,
             secure_mode=self.secure_mode, context=context,
         )
+        if setup is not None:
+            setup.start(engine)
         dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=rate))
         return BKGradSampleModule(module, engine), dp_optimizer, loader
 

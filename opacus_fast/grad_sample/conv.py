@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .linear import use_ghost
-from .registry import LayerRule, Norms, Tensor, norm_dtype, register_rule, sq_norm, weighted_sum
+from .registry import LayerRule, Norms, Saved, Tensor, norm_dtype, register_rule, sq_norm, weighted_sum
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -80,10 +80,10 @@ class ConvRule(LayerRule):
         mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
         return F.pad(x, pre_pad, mode=mode)
 
-    def forward(self, layer: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    def forward(self, layer: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tensor, Saved]:
         _, padding = _geometry(layer)
         conv = _CONV_FN[len(layer.kernel_size)]
-        return conv(x, layer.weight, layer.bias, layer.stride, padding, layer.dilation, layer.groups)
+        return conv(x, layer.weight, layer.bias, layer.stride, padding, layer.dilation, layer.groups), (x,)
 
     def _backward(self, layer: nn.modules.conv._ConvNd, x: Tensor, g: Tensor, mask: list[bool]) -> tuple:
         _, padding = _geometry(layer)
@@ -93,10 +93,11 @@ class ConvRule(LayerRule):
             g, x.to(g.dtype), weight, None, layer.stride, padding, layer.dilation, False, [0] * n, layer.groups, mask
         )
 
-    def input_grad(self, layer: nn.modules.conv._ConvNd, x: Tensor, g: Tensor) -> Tensor:
-        return self._backward(layer, x, g, [True, False, False])[0]
+    def input_grad(self, layer: nn.modules.conv._ConvNd, saved: Saved, g: Tensor) -> Tensor:
+        return self._backward(layer, saved[0], g, [True, False, False])[0]
 
-    def norms(self, layer: nn.modules.conv._ConvNd, x: Tensor, g: Tensor, names: Iterable[str]) -> tuple[Norms, Any]:
+    def norms(self, layer: nn.modules.conv._ConvNd, saved: Saved, g: Tensor, names: Iterable[str]) -> tuple[Norms, Any]:
+        x = saved[0]
         out: Norms = {}
         cache = None
         dtype = norm_dtype(g.dtype)
@@ -116,8 +117,9 @@ class ConvRule(LayerRule):
         return out, cache
 
     def clipped_sum(
-        self, layer: nn.modules.conv._ConvNd, x: Tensor, g: Tensor, factors: dict[str, Tensor], cache: Any
+        self, layer: nn.modules.conv._ConvNd, saved: Saved, g: Tensor, factors: dict[str, Tensor], cache: Any
     ) -> dict[str, Tensor]:
+        x = saved[0]
         out = {}
         if "weight" in factors:
             if cache is not None:
@@ -130,7 +132,10 @@ class ConvRule(LayerRule):
             out["bias"] = torch.einsum("b,bc->c", factors["bias"].to(g.dtype), g.flatten(2).sum(dim=2))
         return out
 
-    def per_sample(self, layer: nn.modules.conv._ConvNd, x: Tensor, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
+    def per_sample(
+        self, layer: nn.modules.conv._ConvNd, saved: Saved, g: Tensor, names: Iterable[str]
+    ) -> dict[str, Tensor]:
+        x = saved[0]
         out = {}
         if "weight" in names:
             _, padding = _geometry(layer)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import LayerRule, Norms, Tensor, norm_dtype, register_rule
+from .registry import LayerRule, Norms, Saved, Tensor, norm_dtype, register_rule
 
 
 def _grads(layer: nn.Embedding, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -36,13 +36,14 @@ class EmbeddingRule(LayerRule):
             return "sparse gradients are not supported; set sparse=False"
         return None
 
-    def forward(self, layer: nn.Embedding, x: Tensor) -> Tensor:
-        return F.embedding(x, layer.weight, layer.padding_idx)
+    def forward(self, layer: nn.Embedding, x: Tensor) -> tuple[Tensor, Saved]:
+        return F.embedding(x, layer.weight, layer.padding_idx), (x,)
 
-    def input_grad(self, layer: nn.Embedding, x: Tensor, g: Tensor) -> Tensor | None:
+    def input_grad(self, layer: nn.Embedding, saved: Saved, g: Tensor) -> Tensor | None:
         return None
 
-    def norms(self, layer: nn.Embedding, x: Tensor, g: Tensor, names: Iterable[str]) -> tuple[Norms, Any]:
+    def norms(self, layer: nn.Embedding, saved: Saved, g: Tensor, names: Iterable[str]) -> tuple[Norms, Any]:
+        x = saved[0]
         batch = x.shape[0]
         ids, rows = _grads(layer, x, g)
         rows = rows.to(norm_dtype(rows.dtype))
@@ -53,14 +54,16 @@ class EmbeddingRule(LayerRule):
         return {"weight": sq}, None
 
     def clipped_sum(
-        self, layer: nn.Embedding, x: Tensor, g: Tensor, factors: dict[str, Tensor], cache: Any
+        self, layer: nn.Embedding, saved: Saved, g: Tensor, factors: dict[str, Tensor], cache: Any
     ) -> dict[str, Tensor]:
+        x = saved[0]
         ids, rows = _grads(layer, x, g)
         per_row = factors["weight"].to(rows.dtype).repeat_interleave(ids.numel() // max(x.shape[0], 1))
         out = rows.new_zeros(layer.weight.shape).index_add_(0, ids, rows * per_row.unsqueeze(1))
         return {"weight": out}
 
-    def per_sample(self, layer: nn.Embedding, x: Tensor, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
+    def per_sample(self, layer: nn.Embedding, saved: Saved, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
+        x = saved[0]
         batch = x.shape[0]
         ids, rows = _grads(layer, x, g)
         example = torch.arange(batch, device=x.device).repeat_interleave(ids.numel() // max(batch, 1))

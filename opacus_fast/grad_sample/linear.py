@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import LayerRule, Norms, Tensor, norm_dtype, register_rule, sq_norm, weighted_sum
+from .registry import LayerRule, Norms, Saved, Tensor, norm_dtype, register_rule, sq_norm, weighted_sum
 
 
 def use_ghost(tokens: int, out_features: int, in_features: int) -> bool:
@@ -19,11 +19,23 @@ def use_ghost(tokens: int, out_features: int, in_features: int) -> bool:
 
 def ghost_sq_norm(a: Tensor, g: Tensor) -> Tensor:
     """``||g_i^T a_i||_F^2 = <a_i a_i^T, g_i g_i^T>`` for a: (B, T, d), g: (B, T, p), without forming g_i^T a_i."""
+    batch = a.shape[0]
     if a.shape[1] == 1:
         return a.pow(2).sum(dim=(1, 2)) * g.pow(2).sum(dim=(1, 2))
-    aa = torch.bmm(a, a.transpose(1, 2))
-    gg = torch.bmm(g, g.transpose(1, 2))
-    return (aa * gg).sum(dim=(1, 2))
+    aa = torch.bmm(a, a.transpose(1, 2)).reshape(batch, 1, -1)
+    gg = torch.bmm(g, g.transpose(1, 2)).reshape(batch, -1, 1)
+    return torch.bmm(aa, gg).reshape(batch)
+
+
+def scaled_outer_sum(factor: Tensor, g: Tensor, a: Tensor) -> Tensor:
+    """``sum_i factor_i g_i^T a_i`` for g: (B, T, p), a: (B, T, d), scaling whichever side is narrower."""
+    factor = factor.to(g.dtype)[:, None, None]
+    a = a.to(g.dtype)
+    if a.shape[-1] <= g.shape[-1]:
+        a = a * factor
+    else:
+        g = g * factor
+    return g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
 
 
 def _flat(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -34,14 +46,14 @@ def _flat(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
 
 @register_rule(nn.Linear)
 class LinearRule(LayerRule):
-    def forward(self, layer: nn.Linear, x: Tensor) -> Tensor:
-        return F.linear(x, layer.weight, layer.bias)
+    def forward(self, layer: nn.Linear, x: Tensor) -> tuple[Tensor, Saved]:
+        return F.linear(x, layer.weight, layer.bias), (x,)
 
-    def input_grad(self, layer: nn.Linear, x: Tensor, g: Tensor) -> Tensor:
+    def input_grad(self, layer: nn.Linear, saved: Saved, g: Tensor) -> Tensor:
         return torch.matmul(g, layer.weight.to(g.dtype))
 
-    def norms(self, layer: nn.Linear, x: Tensor, g: Tensor, names: Iterable[str]) -> tuple[Norms, Any]:
-        a, gf = _flat(x, g)
+    def norms(self, layer: nn.Linear, saved: Saved, g: Tensor, names: Iterable[str]) -> tuple[Norms, Any]:
+        a, gf = _flat(saved[0], g)
         dtype = norm_dtype(gf.dtype)
         a, gf = a.to(dtype), gf.to(dtype)
         out: Norms = {}
@@ -58,22 +70,21 @@ class LinearRule(LayerRule):
         return out, cache
 
     def clipped_sum(
-        self, layer: nn.Linear, x: Tensor, g: Tensor, factors: dict[str, Tensor], cache: Any
+        self, layer: nn.Linear, saved: Saved, g: Tensor, factors: dict[str, Tensor], cache: Any
     ) -> dict[str, Tensor]:
-        a, gf = _flat(x, g)
+        a, gf = _flat(saved[0], g)
         out = {}
         if "weight" in factors:
             if cache is not None:
                 out["weight"] = weighted_sum(factors["weight"], cache)
             else:
-                fg = gf * factors["weight"].to(gf.dtype)[:, None, None]
-                out["weight"] = fg.reshape(-1, fg.shape[-1]).t() @ a.reshape(-1, a.shape[-1]).to(fg.dtype)
+                out["weight"] = scaled_outer_sum(factors["weight"], gf, a)
         if "bias" in factors:
             out["bias"] = torch.einsum("b,bp->p", factors["bias"].to(gf.dtype), gf.sum(dim=1))
         return out
 
-    def per_sample(self, layer: nn.Linear, x: Tensor, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
-        a, gf = _flat(x, g)
+    def per_sample(self, layer: nn.Linear, saved: Saved, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
+        a, gf = _flat(saved[0], g)
         out = {}
         if "weight" in names:
             out["weight"] = torch.bmm(gf.transpose(1, 2), a.to(gf.dtype))

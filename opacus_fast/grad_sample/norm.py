@@ -1,6 +1,8 @@
 """Normalisation layers (LayerNorm, RMSNorm, GroupNorm, InstanceNorm): tiny parameters, so per-example gradients
-are instantiated directly: ``G_i(weight) = sum over non-channel positions of x̂_i * g_i`` and ``G_i(bias) = sum g_i``.
-The input gradient is obtained by recomputing the (cheap) normalisation under autograd, without weight gradients.
+are instantiated: ``G_i(weight) = sum over non-channel positions of x̂_i * g_i`` and ``G_i(bias) = sum g_i``.
+
+The forward keeps the statistics (mean, rstd) that PyTorch's fused kernels return, so the input gradient comes
+from the fused backward kernel and x̂ from one elementwise pass: nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -8,63 +10,63 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .registry import LayerRule, Tensor, register_rule
+from .registry import LayerRule, Saved, Tensor, register_rule
+
+aten = torch.ops.aten
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """Norm layers run in at least float32 (as under autocast)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
 
 
 class _AffineNormRule(LayerRule):
-    """Shared logic: subclasses say how to normalise without affine and where the channel dims are."""
+    """Shared per-example logic; subclasses give x̂ and the dims a per-example gradient sums over."""
 
-    def normalise(self, layer: nn.Module, x: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def affine(self, layer: nn.Module, xhat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    def xhat(self, layer: nn.Module, saved: Saved) -> Tensor:
         raise NotImplementedError
 
     def reduce_dims(self, layer: nn.Module, x: Tensor) -> tuple[int, ...]:
-        """Dims of x (besides the batch) that a per-example gradient sums over."""
         raise NotImplementedError
 
-    def forward(self, layer: nn.Module, x: Tensor) -> Tensor:
-        return self.affine(layer, self.normalise(layer, x), layer.weight, getattr(layer, "bias", None))
-
-    def input_grad(self, layer: nn.Module, x: Tensor, g: Tensor) -> Tensor:
-        with torch.enable_grad():
-            leaf = x.detach().requires_grad_(True)
-            bias = getattr(layer, "bias", None)
-            out = self.affine(
-                layer, self.normalise(layer, leaf), _detach(layer.weight), _detach(bias)
-            )
-            return torch.autograd.grad(out, leaf, g)[0]
-
-    def per_sample(self, layer: nn.Module, x: Tensor, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
-        dims = self.reduce_dims(layer, x)
+    def per_sample(self, layer: nn.Module, saved: Saved, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
+        g = g.to(saved[0].dtype)
+        dims = self.reduce_dims(layer, saved[0])
         out = {}
         if "weight" in names:
-            xhat = self.normalise(layer, x.to(g.dtype))
-            out["weight"] = (xhat * g).sum(dim=dims) if dims else xhat * g
+            prod = self.xhat(layer, saved) * g
+            out["weight"] = prod.sum(dim=dims) if dims else prod
         if "bias" in names:
             out["bias"] = g.sum(dim=dims) if dims else g
         return out
 
 
-def _detach(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach()
-
-
 @register_rule(nn.LayerNorm)
 class LayerNormRule(_AffineNormRule):
-    def normalise(self, layer: nn.LayerNorm, x: Tensor) -> Tensor:
-        return F.layer_norm(x, layer.normalized_shape, None, None, layer.eps)
+    def forward(self, layer: nn.LayerNorm, x: Tensor) -> tuple[Tensor, Saved]:
+        dtype = _compute_dtype(x)
+        x = x.to(dtype)
+        out, mean, rstd = aten.native_layer_norm(
+            x, list(layer.normalized_shape), _cast(layer.weight, dtype), _cast(layer.bias, dtype), layer.eps
+        )
+        return out, (x, mean, rstd)
 
-    def affine(self, layer: nn.LayerNorm, xhat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        out = xhat if weight is None else xhat * weight
-        return out if bias is None else out + bias
+    def input_grad(self, layer: nn.LayerNorm, saved: Saved, g: Tensor) -> Tensor:
+        x, mean, rstd = saved
+        weight, bias = _cast(layer.weight, x.dtype), _cast(layer.bias, x.dtype)
+        return aten.native_layer_norm_backward(
+            g.to(x.dtype), x, list(layer.normalized_shape), mean, rstd, weight, bias, [True, False, False]
+        )[0]
 
-    def forward(self, layer: nn.LayerNorm, x: Tensor) -> Tensor:
-        return F.layer_norm(x, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
+    def xhat(self, layer: nn.LayerNorm, saved: Saved) -> Tensor:
+        x, mean, rstd = saved
+        return (x - mean) * rstd
 
     def reduce_dims(self, layer: nn.LayerNorm, x: Tensor) -> tuple[int, ...]:
         return tuple(range(1, x.dim() - len(layer.normalized_shape)))
@@ -72,40 +74,70 @@ class LayerNormRule(_AffineNormRule):
 
 @register_rule(nn.RMSNorm)
 class RMSNormRule(LayerNormRule):
-    def normalise(self, layer: nn.RMSNorm, x: Tensor) -> Tensor:
-        return F.rms_norm(x, layer.normalized_shape, None, layer.eps)
+    def forward(self, layer: nn.RMSNorm, x: Tensor) -> tuple[Tensor, Saved]:
+        dtype = _compute_dtype(x)
+        x = x.to(dtype)
+        eps = layer.eps if layer.eps is not None else torch.finfo(dtype).eps
+        out, rstd = aten._fused_rms_norm(x, list(layer.normalized_shape), _cast(layer.weight, dtype), eps)
+        return out, (x, rstd)
 
-    def forward(self, layer: nn.RMSNorm, x: Tensor) -> Tensor:
-        return F.rms_norm(x, layer.normalized_shape, layer.weight, layer.eps)
+    def input_grad(self, layer: nn.RMSNorm, saved: Saved, g: Tensor) -> Tensor:
+        """``r (g w) - x r^3 mean(g w x)`` over the normalised dims (no fused CPU backward exists)."""
+        x, rstd = saved
+        gw = g.to(x.dtype) if layer.weight is None else g.to(x.dtype) * layer.weight.to(x.dtype)
+        dims = tuple(range(x.dim() - len(layer.normalized_shape), x.dim()))
+        return rstd * (gw - x * rstd.pow(2) * (gw * x).mean(dim=dims, keepdim=True))
+
+    def xhat(self, layer: nn.RMSNorm, saved: Saved) -> Tensor:
+        x, rstd = saved
+        return x * rstd
 
 
-class _ChannelNormRule(_AffineNormRule):
-    """Norms whose affine parameters are per channel, channel at dim 1."""
+class _GroupStatsRule(_AffineNormRule):
+    """GroupNorm, and InstanceNorm as GroupNorm with one group per channel (channel at dim 1)."""
 
-    def affine(self, layer: nn.Module, xhat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        shape = (1, -1) + (1,) * (xhat.dim() - 2)
-        out = xhat if weight is None else xhat * weight.reshape(shape)
-        return out if bias is None else out + bias.reshape(shape)
+    def groups(self, layer: nn.Module) -> int:
+        raise NotImplementedError
+
+    def forward(self, layer: nn.Module, x: Tensor) -> tuple[Tensor, Saved]:
+        dtype = _compute_dtype(x)
+        x = x.to(dtype)
+        n, c = x.shape[:2]
+        out, mean, rstd = aten.native_group_norm(
+            x, _cast(layer.weight, dtype), _cast(layer.bias, dtype), n, c, x[0, 0].numel(), self.groups(layer),
+            layer.eps,
+        )
+        return out, (x, mean, rstd)
+
+    def input_grad(self, layer: nn.Module, saved: Saved, g: Tensor) -> Tensor:
+        x, mean, rstd = saved
+        n, c = x.shape[:2]
+        return aten.native_group_norm_backward(
+            g.to(x.dtype).contiguous(), x, mean, rstd, _cast(layer.weight, x.dtype), n, c, x[0, 0].numel(),
+            self.groups(layer), [True, False, False],
+        )[0]
+
+    def xhat(self, layer: nn.Module, saved: Saved) -> Tensor:
+        x, mean, rstd = saved
+        grouped = x.reshape(x.shape[0], self.groups(layer), -1)
+        return ((grouped - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)).reshape(x.shape)
 
     def reduce_dims(self, layer: nn.Module, x: Tensor) -> tuple[int, ...]:
         return tuple(range(2, x.dim()))
 
 
 @register_rule(nn.GroupNorm)
-class GroupNormRule(_ChannelNormRule):
-    def normalise(self, layer: nn.GroupNorm, x: Tensor) -> Tensor:
-        return F.group_norm(x, layer.num_groups, None, None, layer.eps)
-
-    def forward(self, layer: nn.GroupNorm, x: Tensor) -> Tensor:
-        return F.group_norm(x, layer.num_groups, layer.weight, layer.bias, layer.eps)
+class GroupNormRule(_GroupStatsRule):
+    def groups(self, layer: nn.GroupNorm) -> int:
+        return layer.num_groups
 
 
 @register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-class InstanceNormRule(_ChannelNormRule):
+class InstanceNormRule(_GroupStatsRule):
     def validate(self, layer: nn.modules.instancenorm._InstanceNorm) -> str | None:
         if layer.track_running_stats:
             return "track_running_stats=True averages statistics over the batch; set track_running_stats=False"
         return None
 
-    def normalise(self, layer: nn.modules.instancenorm._InstanceNorm, x: Tensor) -> Tensor:
-        return F.instance_norm(x, eps=layer.eps)
+    def groups(self, layer: nn.modules.instancenorm._InstanceNorm) -> int:
+        return layer.num_features

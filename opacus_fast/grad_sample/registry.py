@@ -1,9 +1,10 @@
 """Registry of layer rules: how each layer family yields per-example norms and clipped sums.
 
-A rule never sees the engine. It is given a layer, the input ``x`` the layer saw and the gradient ``g`` of the
-loss with respect to the layer's output (both with the batch as dim 0), and answers four questions:
+A rule never sees the engine. ``forward`` computes the layer's output functionally (no autograd graph to its
+parameters) and returns what it needs later, ``saved`` (a tuple whose first entry is the batch-first input ``x``,
+optionally followed by statistics such as a norm layer's mean and rstd). Given ``saved`` and the gradient ``g`` of
+the loss with respect to the layer's output, the rule answers:
 
-* ``forward``: the layer's output, computed functionally (no autograd graph to its parameters);
 * ``input_grad``: the gradient with respect to ``x`` (so autograd never computes weight gradients);
 * ``norms``: per-example squared gradient norms of the requested parameters (ghost or instantiated);
 * ``clipped_sum``: ``sum_i factor_i * G_i`` for each requested parameter;
@@ -20,6 +21,7 @@ from torch import nn
 
 Tensor = torch.Tensor
 Norms = dict[str, Tensor]
+Saved = tuple[Tensor, ...]
 
 
 class LayerRule:
@@ -36,24 +38,25 @@ class LayerRule:
         """Ordinary differentiable pre-processing of the input (e.g. non-zero padding) before the capture."""
         return x
 
-    def forward(self, layer: nn.Module, x: Tensor) -> Tensor:
+    def forward(self, layer: nn.Module, x: Tensor) -> tuple[Tensor, Saved]:
+        """The layer's output and the tensors to keep for backward (``x`` first)."""
         raise NotImplementedError
 
-    def input_grad(self, layer: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+    def input_grad(self, layer: nn.Module, saved: Saved, g: Tensor) -> Tensor | None:
         raise NotImplementedError
 
-    def norms(self, layer: nn.Module, x: Tensor, g: Tensor, names: Iterable[str]) -> tuple[Norms, Any]:
+    def norms(self, layer: nn.Module, saved: Saved, g: Tensor, names: Iterable[str]) -> tuple[Norms, Any]:
         """Per-example squared norms ``{name: (B,)}`` and a cache that ``clipped_sum`` may reuse."""
-        grads = self.per_sample(layer, x, g, names)
+        grads = self.per_sample(layer, saved, g, names)
         return {n: sq_norm(gs) for n, gs in grads.items()}, grads
 
     def clipped_sum(
-        self, layer: nn.Module, x: Tensor, g: Tensor, factors: dict[str, Tensor], cache: Any
+        self, layer: nn.Module, saved: Saved, g: Tensor, factors: dict[str, Tensor], cache: Any
     ) -> dict[str, Tensor]:
-        grads = cache if cache is not None else self.per_sample(layer, x, g, factors.keys())
+        grads = cache if cache is not None else self.per_sample(layer, saved, g, factors.keys())
         return {n: weighted_sum(factors[n], grads[n]) for n in factors}
 
-    def per_sample(self, layer: nn.Module, x: Tensor, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
+    def per_sample(self, layer: nn.Module, saved: Saved, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
         raise NotImplementedError
 
 

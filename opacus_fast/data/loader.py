@@ -1,0 +1,366 @@
+"""A DataLoader that draws Poisson logical batches and hands them out as physical batches with masks.
+
+Each logical batch (one DP-SGD step) is cut into physical batches of at most P rows; with padding, every physical
+batch has exactly P rows, the missing ones being masked copies of a real example, so that kernels, CUDA graphs and
+``torch.compile`` see a single shape. Before yielding a physical batch the loader publishes its
+:class:`PhysicalBatchInfo` (mask, ``is_last``) into a :class:`BatchContext`; the training side reads it there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data.dataloader import default_collate
+
+from .context import BatchContext, PhysicalBatchInfo
+from .sampler import DistributedPoissonBatchSampler, Draw, PoissonBatchSampler, _seed_from_global_rng
+
+_ITERABLE_ERROR = (
+    "an IterableDataset cannot be Poisson-sampled (each step needs random access to any example); "
+    "wrap the data in a map-style Dataset with __getitem__ and __len__"
+)
+_DATALOADER_OPTIONS = frozenset(
+    {
+        "num_workers",
+        "pin_memory",
+        "timeout",
+        "worker_init_fn",
+        "multiprocessing_context",
+        "prefetch_factor",
+        "persistent_workers",
+        "pin_memory_device",
+    }
+)
+
+Plan = tuple[list[int], PhysicalBatchInfo]
+
+
+def plan_physical_batches(draw: Draw, max_size: int | None, pad: bool, step: int) -> list[Plan]:
+    """Cut one logical batch into physical batches: the dataset indices of each one's rows and its info.
+
+    Without ``max_size`` the logical batch is one physical batch. With ``max_size`` = P it is cut into consecutive
+    chunks of P, ceil(largest_part / P) of them and at least one, so every rank runs the same number of physical
+    batches per step. With ``pad``, chunks shorter than P are filled with masked copies of a real example (index 0
+    when the rank has none); masks are None when every row is real.
+    """
+    indices = draw.indices
+    if max_size is None:
+        chunks = [indices]
+    else:
+        count = max(1, -(-draw.largest_part // max_size))
+        chunks = [indices[i * max_size : (i + 1) * max_size] for i in range(count)]
+    plans = []
+    for position, chunk in enumerate(chunks):
+        rows, mask = list(chunk), None
+        if pad and len(chunk) < max_size:
+            filler = chunk[0] if chunk else (indices[0] if indices else 0)
+            rows += [filler] * (max_size - len(chunk))
+            mask = torch.arange(max_size) < len(chunk)
+        info = PhysicalBatchInfo(
+            mask=mask, num_real=len(chunk), index=position, is_last=position == len(chunks) - 1, step=step
+        )
+        plans.append((rows, info))
+    return plans
+
+
+class PhysicalBatchSampler(Sampler[list[int]]):
+    """Yields the physical batches (lists of dataset indices) of the logical batches of a Poisson sampler.
+
+    While a :class:`DPDataLoader` iterates, ``sink`` is a FIFO that receives, for each physical batch as it is
+    drawn, its info and, for the last one of a logical batch, the sampler state that draws the next logical batch.
+    The DataLoader keeps the order of batches, so the loader pops one entry per batch it yields, whatever the
+    number of workers and the prefetching.
+
+    Without a physical batch size this sampler yields the logical batches themselves, so Opacus'
+    ``BatchMemoryManager`` can wrap it. With one it refuses to run outside its loader: its padding rows and
+    logical-batch boundaries are only safe when the published masks are read.
+    """
+
+    def __init__(self, logical: PoissonBatchSampler, max_physical_batch_size: int | None, pad: bool) -> None:
+        self.logical = logical
+        self.max_physical_batch_size = max_physical_batch_size
+        self.pad = pad
+        self.sink: deque[tuple[PhysicalBatchInfo, dict[str, Any] | None]] | None = None
+
+    def __len__(self) -> int:
+        """Logical steps, times the expected physical batches per step when split (an estimate: sizes are random)."""
+        if self.max_physical_batch_size is None:
+            return len(self.logical)
+        world_size = getattr(self.logical, "world_size", 1)
+        expected_part = self.logical.num_samples * self.logical.sample_rate / world_size
+        return len(self.logical) * max(1, math.ceil(expected_part / self.max_physical_batch_size))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        sink = self.sink
+        if sink is None and self.max_physical_batch_size is not None:
+            raise RuntimeError(
+                "this batch sampler cuts logical batches into (padded) physical ones and is only correct inside its "
+                "DPDataLoader, which publishes the masks: iterate the DPDataLoader itself, or build it without "
+                "max_physical_batch_size to wrap it in Opacus' BatchMemoryManager"
+            )
+        for step, draw in enumerate(self.logical.draws()):
+            resume = self.logical.state_dict() if sink is not None else None
+            for rows, info in plan_physical_batches(draw, self.max_physical_batch_size, self.pad, step):
+                if sink is not None:
+                    sink.append((info, resume if info.is_last else None))
+                yield rows
+
+
+class DPDataLoader(DataLoader):
+    """Poisson-sampled DataLoader that yields physical batches and publishes a :class:`PhysicalBatchInfo` for each.
+
+    Build it with :meth:`from_data_loader`. Batches are exactly what the user's ``collate_fn`` makes of the rows.
+    An empty logical batch still yields one batch (``is_last=True``): with padding, P fully masked rows; without,
+    a batch with zero rows and the structure, dtypes and trailing shapes of a normal one.
+
+    Attributes:
+        sample_rate: Poisson inclusion probability q.
+        expected_batch_size: N·q, the expected size of a (global) logical batch.
+        max_physical_batch_size: P, or None for one physical batch per logical batch.
+        pad: whether physical batches are padded to exactly P rows.
+        context: the :class:`BatchContext` that receives each physical batch's info (None after iteration).
+
+    ``len(loader)`` is the number of logical steps per epoch, times ceil(expected part / P) when split: physical
+    batch counts are random, so this is an estimate.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        sample_rate: float,
+        max_physical_batch_size: int | None = None,
+        pad: bool | None = None,
+        generator: torch.Generator | None = None,
+        secure_mode: bool = False,
+        context: BatchContext | None = None,
+        distributed: bool = False,
+        steps: int | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        worker_generator: torch.Generator | None = None,
+        **dataloader_options: Any,
+    ) -> None:
+        """See :meth:`from_data_loader`; the extra arguments are ``steps`` (logical batches per epoch, default
+        ``int(1 / sample_rate)``), ``worker_generator`` (the DataLoader's own ``generator``, which seeds the
+        workers) and the DataLoader options num_workers, pin_memory, timeout, worker_init_fn,
+        multiprocessing_context, prefetch_factor, persistent_workers and pin_memory_device."""
+        if isinstance(dataset, IterableDataset):
+            raise TypeError(_ITERABLE_ERROR)
+        unknown = set(dataloader_options) - _DATALOADER_OPTIONS
+        if unknown:
+            raise TypeError(f"unsupported DataLoader options {sorted(unknown)}: the Poisson sampler forms the batches")
+        pad = _resolve_pad(pad, max_physical_batch_size)
+        logical = _poisson_sampler(len(dataset), sample_rate, steps, generator, secure_mode, distributed)
+        self.sample_rate = logical.sample_rate
+        self.expected_batch_size = len(dataset) * logical.sample_rate
+        self.max_physical_batch_size = max_physical_batch_size
+        self.pad = pad
+        self.context = context if context is not None else BatchContext()
+        self._iteration: object | None = None  # token of the active iteration
+        self._resume_state: dict[str, Any] | None = None  # sampler state that redraws the current logical batch
+        super().__init__(
+            dataset,
+            batch_sampler=PhysicalBatchSampler(logical, max_physical_batch_size, pad),
+            collate_fn=EmptyBatchCollate(collate_fn if collate_fn is not None else default_collate, dataset),
+            generator=worker_generator,
+            **dataloader_options,
+        )
+
+    @classmethod
+    def from_data_loader(
+        cls,
+        data_loader: DataLoader,
+        *,
+        sample_rate: float | None = None,
+        max_physical_batch_size: int | None = None,
+        pad: bool | None = None,
+        generator: torch.Generator | None = None,
+        secure_mode: bool = False,
+        context: BatchContext | None = None,
+        distributed: bool = False,
+    ) -> DPDataLoader:
+        """A Poisson-sampled loader over ``data_loader``'s dataset, keeping its collate_fn and worker settings.
+
+        Args:
+            data_loader: the user's loader (map-style dataset); it is left untouched.
+            sample_rate: q; default ``1 / len(data_loader)`` as in Opacus (so the expected logical batch is about
+                the original batch size; with a DistributedSampler, about the global batch).
+            max_physical_batch_size: P; cut each logical batch into physical batches of at most P rows.
+            pad: pad every physical batch to exactly P rows with masked copies of a real example (default: pad
+                iff P is given).
+            generator: CPU generator of the Poisson draws (default: seeded from torch's global RNG; with
+                ``distributed``, rank 0's seed is shared, and a given generator must be in the same state on
+                every rank, which is checked).
+            secure_mode: draw each step from OS entropy (see :class:`PoissonBatchSampler`); no generator allowed.
+            context: where each physical batch's info is published (default: a new :class:`BatchContext`).
+            distributed: split each global Poisson sample over the ranks of ``torch.distributed``, which must be
+                initialised; every rank must call this, in the same order.
+        """
+        if isinstance(data_loader.dataset, IterableDataset):
+            raise TypeError(_ITERABLE_ERROR)
+        if data_loader.batch_sampler is None:
+            raise ValueError("the loader yields single examples (batch_size=None): give it a batch_size")
+        collate_fn = data_loader.collate_fn
+        if isinstance(collate_fn, EmptyBatchCollate):
+            collate_fn = collate_fn.collate_fn
+        options = {name: getattr(data_loader, name) for name in _DATALOADER_OPTIONS}
+        return cls(
+            data_loader.dataset,
+            sample_rate=sample_rate if sample_rate is not None else 1 / len(data_loader),
+            max_physical_batch_size=max_physical_batch_size,
+            pad=pad,
+            generator=generator,
+            secure_mode=secure_mode,
+            context=context,
+            distributed=distributed,
+            collate_fn=collate_fn,
+            worker_generator=data_loader.generator,
+            **options,
+        )
+
+    def __iter__(self) -> Iterator[Any]:
+        """Yield the physical batches, publishing each one's info into ``context`` first (None at the end)."""
+        token, plans = object(), deque()
+        self._iteration = token
+        sampler = self.batch_sampler
+        self._resume_state = sampler.logical.state_dict()
+        sampler.sink = plans
+        try:
+            for batch in super().__iter__():
+                info, resume = plans.popleft()
+                if resume is not None:
+                    self._resume_state = resume
+                self.context.publish(info)
+                yield batch
+        finally:
+            if self._iteration is token:
+                self._iteration = None
+                sampler.sink = None
+                sampler.logical.release()
+                self.context.publish(None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler state after the last logical batch whose final physical batch was yielded.
+
+        Loading it (:meth:`load_state_dict`) makes the next iteration yield the batches that would have followed;
+        a logical batch interrupted midway is drawn again from its start.
+        """
+        active = self._iteration is not None
+        return {"sampler": self._resume_state if active else self.batch_sampler.logical.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` at the next iteration (call it between epochs, not inside the loop)."""
+        if self._iteration is not None:
+            raise RuntimeError("load_state_dict was called during an iteration: call it before the next epoch's loop")
+        self.batch_sampler.logical.load_state_dict(state["sampler"])
+
+
+class EmptyBatchCollate:
+    """Wraps a collate_fn so that an empty list of examples gives a zero-row batch shaped like a real one.
+
+    The template is the collate of example 0 and of two copies of it: whatever grows from 1 to 2 is the batch
+    dimension and is cut to length 0 (tensor and array dimensions, per-example lists); everything else is kept.
+    No model runs. Opacus' ``BatchMemoryManager`` also relies on this, since it yields ``[]`` for empty batches.
+    """
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any], dataset: Dataset) -> None:
+        self.collate_fn = collate_fn
+        self.dataset: Dataset | None = dataset
+
+    def __call__(self, examples: list[Any]) -> Any:
+        if len(examples) > 0:
+            return self.collate_fn(examples)
+        example = self._dataset()[0]
+        return _zero_rows(self.collate_fn([example]), self.collate_fn([example, example]))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Worker processes get the dataset anyway (from get_worker_info()); do not pickle a second copy.
+        return {**self.__dict__, "dataset": None}
+
+    def _dataset(self) -> Dataset:
+        if self.dataset is not None:
+            return self.dataset
+        worker = get_worker_info()
+        if worker is None:
+            raise RuntimeError("this collate wrapper was copied without its dataset; build it again with the dataset")
+        return worker.dataset
+
+
+def _zero_rows(one: Any, two: Any) -> Any:
+    """``one`` (a collated batch of 1 example) cut to zero rows, given ``two`` (the same example collated twice)."""
+    if isinstance(one, (torch.Tensor, np.ndarray)):
+        growing = [d for d, (a, b) in enumerate(zip(one.shape, two.shape)) if (a, b) == (1, 2)]
+        return one if not growing else one[(slice(None),) * growing[0] + (slice(0, 0),)]
+    if isinstance(one, Mapping):
+        items = {key: _zero_rows(one[key], two[key]) for key in one}
+        return items if type(one) is dict else type(one)(items)
+    if isinstance(one, (list, tuple)):
+        if len(one) != len(two):
+            return type(one)()
+        items = [_zero_rows(a, b) for a, b in zip(one, two)]
+        return type(one)(*items) if hasattr(one, "_fields") else type(one)(items)
+    return one
+
+
+def _resolve_pad(pad: bool | None, max_physical_batch_size: int | None) -> bool:
+    """Check P and return whether to pad (default: pad iff P is given)."""
+    size = max_physical_batch_size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+        raise ValueError(f"max_physical_batch_size must be a positive int or None, got {size!r}")
+    if pad is None:
+        return size is not None
+    if pad and size is None:
+        raise ValueError("pad=True needs max_physical_batch_size (the number of rows to pad to)")
+    return bool(pad)
+
+
+def _poisson_sampler(
+    num_samples: int,
+    sample_rate: float,
+    steps: int | None,
+    generator: torch.Generator | None,
+    secure_mode: bool,
+    distributed: bool,
+) -> PoissonBatchSampler:
+    """The logical-batch sampler: plain, or split over the ranks of torch.distributed."""
+    if not distributed:
+        return PoissonBatchSampler(num_samples, sample_rate, steps=steps, generator=generator, secure_mode=secure_mode)
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("distributed=True needs torch.distributed initialised (init_process_group) first")
+    if not secure_mode:
+        generator = _shared_generator(generator)
+    return DistributedPoissonBatchSampler(
+        num_samples,
+        sample_rate,
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        steps=steps,
+        generator=generator,
+        secure_mode=secure_mode,
+    )
+
+
+def _shared_generator(generator: torch.Generator | None) -> torch.Generator:
+    """A generator in the same state on every rank: seeded by rank 0 if None, else checked to agree across ranks."""
+    dist = torch.distributed
+    if generator is None:
+        seed = [_seed_from_global_rng() if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(seed, src=0)
+        return torch.Generator().manual_seed(seed[0])
+    digest = hashlib.sha256(generator.get_state().numpy().tobytes()).hexdigest()
+    digests: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) > 1:
+        raise ValueError(
+            "the Poisson generator is in different states on different ranks: seed it with the same seed on every "
+            "rank (or pass generator=None to use rank 0's seed everywhere)"
+        )
+    return generator

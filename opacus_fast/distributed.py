@@ -1,0 +1,271 @@
+"""Distributed DP-SGD on ``torch.distributed``: one Poisson sample over all ranks, one all-reduce and one noise draw
+per logical step.
+
+Every rank runs the usual loop on the model, optimizer and loader that ``make_private_fast`` returns for a model
+wrapped in :class:`DPDistributedModule` (or in a plain ``DistributedDataParallel``):
+
+- sampling: the loader draws one global Poisson sample of the whole dataset per step (rate q, identically seeded
+  on all ranks) and each rank loads only its disjoint part; every rank yields every step, even with an empty part;
+- clipping is local: each rank's BK engine adds its clipped per-example sums to ``p.summed_grad``;
+- at the last physical batch of a logical step, :class:`DistributedFastDPOptimizer` all-reduces the sums ONCE, in
+  a few large flat buckets. Rank 0 alone adds N(0, σ²C²) to its local sum before the all-reduce, so the global sum
+  carries exactly one noise draw (not one per rank); then every rank divides by the GLOBAL expected batch size N·q
+  and steps, and all ranks hold identical parameters. The accountant sees the global q.
+
+Why rank-0 noise rather than identical generators on all ranks: no seed has to be shared, so ``secure_mode`` keeps
+drawing from rank 0's own cryptographically secure generator, and no rank can reconstruct the noise from a seed.
+The other ranks see only the noisy global sum, the same quantity a single-process run releases; the trust model
+is that of one training job (ranks see each other's unnoised partial sums during the all-reduce).
+
+Failures: every collective here times out after the process group's ``timeout`` (set it in
+``init_process_group(timeout=...)``: the default is 30 minutes for gloo, 10 for NCCL). A rank that raises, dies or
+stops calling ``optimizer.step()`` makes the others fail with :class:`DistributedStepError` within that time (at
+once when its process exits). Every rank must call ``optimizer.step()`` for every physical batch, empty or not.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from opacus.optimizers.optimizer import _generate_noise
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .optimizer import FastDPOptimizer
+
+Tensor = torch.Tensor
+BUCKET_CAP_MB = 64.0
+
+
+class DistributedStepError(RuntimeError):
+    """A collective of distributed DP training failed or timed out, usually because another rank failed."""
+
+
+def _require_initialised() -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "distributed DP training needs torch.distributed initialised first: call "
+            "torch.distributed.init_process_group(backend, timeout=...) on every rank (torchrun sets the rest)"
+        )
+
+
+class DPDistributedModule(nn.Module):
+    """Marks ``module`` for distributed DP training with ``make_private_fast`` (what DDP is for non-private training).
+
+    It reduces nothing itself: ``make_private_fast`` broadcasts the parameters and buffers from rank 0 and its
+    optimizer all-reduces the clipped gradient sums once per logical step. Calling it runs ``module``.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        _require_initialised()
+        if isinstance(module, (DistributedDataParallel, DPDistributedModule)):
+            raise TypeError("the module is already wrapped for distributed training: wrap the plain model once")
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+def _refuse_ddp_forward(ddp: nn.Module, args: Any) -> None:
+    raise RuntimeError(
+        "this DistributedDataParallel model was made private by make_private_fast: call the model that "
+        "make_private_fast returned. DDP's own gradient reduction cannot work here: BK clipping never produces "
+        "ordinary parameter gradients, and opacus_fast all-reduces the clipped sums itself"
+    )
+
+
+@dataclass
+class DistributedSetup:
+    """A model wrapped for distributed DP training: the wrapper, the user's inner model and the process group."""
+
+    wrapper: nn.Module
+    module: nn.Module
+    group: Any = None
+
+    def start(self, engine: Any) -> None:
+        """Broadcast parameters and buffers from rank 0; make a DDP wrapper refuse to run (until cleanup)."""
+        broadcast_from_rank0(list(self.module.parameters()) + list(self.module.buffers()), self.group)
+        if isinstance(self.wrapper, DistributedDataParallel):
+            # removed by the engine's detach(), i.e. by the returned model's cleanup()
+            engine._handles.append(self.wrapper.register_forward_pre_hook(_refuse_ddp_forward))
+
+
+def unwrap_distributed(module: nn.Module, *, poisson_sampling: bool) -> DistributedSetup | None:
+    """The distributed setup of ``module`` (None for a plain model); raises, changing nothing, if it is unusable."""
+    if not isinstance(module, (DPDistributedModule, DistributedDataParallel)):
+        return None
+    _require_initialised()
+    inner = module.module
+    if isinstance(inner, (DPDistributedModule, DistributedDataParallel)):
+        raise TypeError("the model is wrapped for distributed training twice: wrap the plain model once")
+    if isinstance(module, DistributedDataParallel) and dist.get_world_size(module.process_group) != dist.get_world_size():
+        raise ValueError(
+            "this DistributedDataParallel uses a process group that is not the whole world, but the distributed "
+            "Poisson loader samples over all ranks: build DDP on the default group, or use DPDistributedModule"
+        )
+    if not poisson_sampling:
+        raise ValueError(
+            "distributed training needs poisson_sampling=True: the global batch must be one Poisson sample split "
+            "over the ranks, with the global expected batch size as divisor"
+        )
+    return DistributedSetup(module, inner)
+
+
+def _buckets(tensors: Sequence[Tensor], cap_bytes: float) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype) into runs of at most ``cap_bytes`` (a larger one alone)."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_kind.setdefault((t.device, t.dtype), []).append(i)
+    buckets: list[list[int]] = []
+    for indices in by_kind.values():
+        current: list[int] = []
+        size = 0
+        for i in indices:
+            nbytes = tensors[i].numel() * tensors[i].element_size()
+            if current and size + nbytes > cap_bytes:
+                buckets.append(current)
+                current, size = [], 0
+            current.append(i)
+            size += nbytes
+        buckets.append(current)
+    return buckets
+
+
+def coalesced(
+    tensors: Sequence[Tensor], collective: Callable[[Tensor], Any], cap_mb: float = BUCKET_CAP_MB
+) -> list[Tensor]:
+    """Run an in-place, asynchronous ``collective`` on ``tensors`` flattened into a few buckets; return the results.
+
+    ``collective(flat)`` must start the operation and return its work handle (``async_op=True``). The results are
+    views of the buckets, shaped like the inputs; the inputs themselves are not modified.
+    """
+    pending = []
+    for bucket in _buckets(tensors, cap_mb * 2**20):
+        flat = torch.cat([tensors[i].reshape(-1) for i in bucket])
+        pending.append((bucket, flat, collective(flat)))
+    out: list[Tensor] = list(tensors)
+    for bucket, flat, work in pending:
+        work.wait()
+        for i, chunk in zip(bucket, flat.split([tensors[i].numel() for i in bucket])):
+            out[i] = chunk.view(tensors[i].shape)
+    return out
+
+
+def broadcast_from_rank0(tensors: Sequence[Tensor], group: Any = None) -> None:
+    """Overwrite ``tensors`` in place with rank 0's values (in a few flat buckets)."""
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    synced = _guarded(
+        "the broadcast of the initial parameters",
+        lambda: coalesced(tensors, lambda flat: dist.broadcast(flat, src=src, group=group, async_op=True)),
+    )
+    with torch.no_grad():
+        for t, value in zip(tensors, synced):
+            t.copy_(value)
+
+
+def _guarded(what: str, run: Callable[[], Any]) -> Any:
+    """``run()``, with a collective's failure turned into a :class:`DistributedStepError` that says what to check."""
+    start = time.monotonic()
+    try:
+        return run()
+    except RuntimeError as err:
+        raise DistributedStepError(
+            f"rank {dist.get_rank()}: {what} failed after {time.monotonic() - start:.1f} s: another rank has "
+            "probably raised, died, or left the training loop's rhythm (every rank must call optimizer.step() for "
+            "every physical batch, empty ones included); look at the other ranks' errors. Collectives give up after "
+            f"the process group's timeout, set by init_process_group(timeout=...). Cause: {err}"
+        ) from err
+
+
+class DistributedFastDPOptimizer(FastDPOptimizer):
+    """:class:`FastDPOptimizer` for several ranks: at each logical step's end, one all-reduce and one noise draw.
+
+    Rank 0 (of ``process_group``) adds N(0, σ²C²) to its local clipped sums, then the sums of all ranks are
+    all-reduced in buckets of at most ``bucket_cap_mb``; ``expected_batch_size`` must be the GLOBAL N·q. Only rank
+    0's ``generator`` is used. Other arguments: as :class:`FastDPOptimizer`.
+    """
+
+    def __init__(
+        self, *args: Any, process_group: Any = None, bucket_cap_mb: float = BUCKET_CAP_MB, **kwargs: Any
+    ) -> None:
+        _require_initialised()
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+        self.bucket_cap_mb = bucket_cap_mb
+        self.adds_noise = dist.get_rank(process_group) == 0
+        #: logical steps completed (for error messages)
+        self.logical_steps = 0
+
+    def add_noise(self) -> None:
+        """``p.grad`` = all-reduce(local clipped sums, plus the noise on rank 0): one noise draw in the global sum."""
+        sums = [p.summed_grad if getattr(p, "summed_grad", None) is not None else torch.zeros_like(p)
+                for p in self.params]
+        if self.adds_noise:
+            std = self.noise_multiplier * self.max_grad_norm
+            sums = [s + _generate_noise(std=std, reference=s, generator=self.generator, secure_mode=self.secure_mode)
+                    for s in sums]
+        group = self.process_group
+        reduced = _guarded(
+            f"the all-reduce of the clipped gradient sums of logical step {self.logical_steps}",
+            lambda: coalesced(sums, lambda flat: dist.all_reduce(flat, group=group, async_op=True), self.bucket_cap_mb),
+        )
+        for p, total in zip(self.params, reduced):
+            p.grad = total
+            p.summed_grad = None
+        self.logical_steps += 1
+
+
+def _noise_rng(optimizer: FastDPOptimizer) -> torch.Generator | None:
+    """The generator the optimizer's noise comes from (None in secure mode, whose state must never be replayed)."""
+    if optimizer.secure_mode:
+        return None
+    if optimizer.generator is not None:
+        return optimizer.generator
+    device = optimizer.params[0].device if optimizer.params else torch.device("cpu")
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+def save_checkpoint(
+    path: Any, *, privacy_engine: Any, module: nn.Module, optimizer: DistributedFastDPOptimizer, data_loader: Any,
+    extra: Any = None,
+) -> None:
+    """Rank 0 saves model, optimizer, accountant, sampler and noise-generator state; all ranks then wait for it.
+
+    Call it on every rank (it ends with a barrier). Model, optimizer, accountant and sampler state are identical on
+    all ranks, so rank 0's copy resumes every rank. The noise generator's state is saved so that a resumed run does
+    not replay noise it has already used (identical noise at two steps would cancel out of their difference).
+    """
+    if dist.get_rank() == 0:
+        rng = _noise_rng(optimizer)
+        privacy_engine.save_checkpoint(
+            path=path, module=module, optimizer=optimizer,
+            checkpoint_dict={
+                "data_loader": data_loader.state_dict(),
+                "noise_rng_state": None if rng is None else rng.get_state(),
+                "extra": extra,
+            },
+        )
+    _guarded("the barrier after saving a checkpoint", dist.barrier)
+
+
+def load_checkpoint(
+    path: Any, *, privacy_engine: Any, module: nn.Module, optimizer: DistributedFastDPOptimizer, data_loader: Any,
+    map_location: Any = None,
+) -> Any:
+    """Load a :func:`save_checkpoint` file on this rank (call it on every rank, between epochs); returns ``extra``."""
+    checkpoint = privacy_engine.load_checkpoint(
+        path=path, module=module, optimizer=optimizer, torch_load_kwargs={"map_location": map_location}
+    )
+    data_loader.load_state_dict(checkpoint["data_loader"])
+    rng = _noise_rng(optimizer) if optimizer.adds_noise else None  # other ranks' generators draw no noise
+    if rng is not None and checkpoint["noise_rng_state"] is not None:
+        rng.set_state(checkpoint["noise_rng_state"].cpu())
+    return checkpoint["extra"]
