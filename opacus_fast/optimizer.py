@@ -102,3 +102,26 @@ class FastDPOptimizer(DPOptimizer):
         if self.loss_reduction == "mean":
             for p in self.params:
                 p.grad /= self.expected_batch_size
+
+    def state_dict(self) -> dict:
+        """The wrapped optimizer's state plus the noise generator's state (for an identical resumed run).
+
+        Partial sums of an unfinished logical batch are not saved: the Poisson loader redraws an interrupted
+        logical batch from its start on resume, so keeping them would count its first examples twice.
+        """
+        state = self.original_optimizer.state_dict()
+        noise = self.generator.get_state() if self.generator is not None and not self.secure_mode else None
+        state["opacus_fast"] = {"noise_generator": noise}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = dict(state_dict)
+        extra = state.pop("opacus_fast", {})
+        self.original_optimizer.load_state_dict(state)
+        if extra.get("noise_generator") is not None and self.generator is not None:
+            self.generator.set_state(extra["noise_generator"])
+        for p in self.params:
+            p.summed_grad = None
+        self._is_last_step_skipped = False
+        self._step_skip_queue.clear()
+

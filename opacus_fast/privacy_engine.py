@@ -218,3 +218,17 @@ class PrivacyEngine(opacus.PrivacyEngine):
             max_grad_norm=max_grad_norm, sample_rate=sample_rate, **kwargs,
         )
 
+    def save_checkpoint(self, *, path, module: nn.Module, optimizer=None, data_loader=None, **kwargs: Any) -> None:
+        """Opacus' ``save_checkpoint`` plus, with ``data_loader``, the Poisson sampler's state (same next batches)."""
+        checkpoint = dict(kwargs.pop("checkpoint_dict", None) or {})
+        if data_loader is not None:
+            checkpoint["data_loader_state_dict"] = data_loader.state_dict()
+        super().save_checkpoint(path=path, module=module, optimizer=optimizer, checkpoint_dict=checkpoint, **kwargs)
+
+    def load_checkpoint(self, *, path, module: nn.Module, optimizer=None, data_loader=None, **kwargs: Any) -> dict:
+        """Opacus' ``load_checkpoint`` plus, with ``data_loader``, the Poisson sampler's state."""
+        checkpoint = super().load_checkpoint(path=path, module=module, optimizer=optimizer, **kwargs)
+        if data_loader is not None:
+            data_loader.load_state_dict(checkpoint.pop("data_loader_state_dict"))
+        return checkpoint
+
