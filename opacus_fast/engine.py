@@ -9,13 +9,14 @@ engine computes every example's gradient norm, the clip factors, and adds ``sum_
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .clipping import ClipBound
 from .data.context import BatchContext
 from .grad_sample import LayerRule, find_rule, find_unit, run_per_example, sq_norm, weighted_sum
 
@@ -164,8 +165,7 @@ class BKEngine:
 
     Args:
         model: the user's model (modified in place until :meth:`detach`).
-        max_grad_norm: clip bound C, or a list of bounds in ``params`` order for per-layer clipping.
-        params: the trainable parameters in optimizer order (defines the per-layer bounds' order).
+        bound: the clip bound (shared with the optimizer, so a scheduler's change reaches both).
         loss_reduction: "mean" (the loss is averaged over the physical batch) or "sum".
         context: where the data loader publishes the current physical batch's mask.
     """
@@ -174,8 +174,7 @@ class BKEngine:
         self,
         model: nn.Module,
         *,
-        max_grad_norm: float | Sequence[float],
-        params: Sequence[nn.Parameter],
+        bound: ClipBound,
         loss_reduction: str = "mean",
         context: BatchContext | None = None,
     ) -> None:
@@ -183,12 +182,7 @@ class BKEngine:
         self.model = model
         self.loss_reduction = loss_reduction
         self.context = context
-        if isinstance(max_grad_norm, (int, float)):
-            self.flat_bound: float | None = float(max_grad_norm)
-            self.bounds: dict[nn.Parameter, float] = {}
-        else:
-            self.flat_bound = None
-            self.bounds = dict(zip(params, map(float, max_grad_norm)))
+        self.bound = bound
         self.after_backward: list[Callable[[], None]] = []
         self._records: list[Record] = []
         self._task: int | None = None
@@ -275,6 +269,16 @@ class BKEngine:
             torch.autograd.Variable._execution_engine.queue_callback(self.finish)
         self._records.append(rec)
 
+    def _check_coverage(self) -> None:
+        """Refuse parameters made trainable after attaching: nothing captures them, so they would get noise only."""
+        captured = {id(p) for site in self.sites for p in site.params.values()}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad and id(p) not in captured:
+                raise UnsupportedModuleError(
+                    f"parameter '{name}' became trainable after make_private_fast, so it is not clipped; set "
+                    "requires_grad before calling make_private_fast (after cleanup())"
+                )
+
     def _mask(self, batch: int) -> Tensor | None:
         info = self.context.current if self.context is not None else None
         if info is None:
@@ -294,6 +298,7 @@ class BKEngine:
     def finish(self) -> None:
         """End of one backward: norms → clip factors → clipped sums added to ``p.summed_grad``."""
         records, self._records, self._task = self._records, [], None
+        self._check_coverage()
         if not records:
             return
         batch = records[0].batch
@@ -361,12 +366,12 @@ class BKEngine:
             f = (bound / (sq_norms.sqrt() * scale + 1e-6)).clamp(max=1.0) * scale
             return f if mask is None else f * mask.to(f.device, f.dtype)
 
-        if self.flat_bound is not None:
+        if self.bound.flat is not None:
             total = torch.stack([v.to(torch.float64 if v.dtype == torch.float64 else torch.float32)
                                  for v in sq.values()]).sum(dim=0)
-            shared = factor(total, self.flat_bound)
+            shared = factor(total, self.bound.flat)
             return {p: shared for p in sq}
-        return {p: factor(v, self.bounds[p]) for p, v in sq.items()}
+        return {p: factor(v, self.bound.per_param[p]) for p, v in sq.items()}
 
 
 def _accumulate(p: nn.Parameter, s: Tensor) -> None:

@@ -14,6 +14,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _generate_noise
 from torch.optim import Optimizer
 
+from .clipping import ClipBound
 from .data.context import BatchContext
 
 
@@ -23,7 +24,7 @@ class FastDPOptimizer(DPOptimizer):
     Args:
         optimizer: the user's optimizer.
         noise_multiplier: σ; the noise std is σ·C with C the (flat or L2-combined per-layer) clip bound.
-        max_grad_norm: the flat clip bound C (for per-layer clipping, the L2 norm of the per-layer bounds).
+        bound: the clip bound shared with the engine; ``max_grad_norm`` reads and sets it.
         expected_batch_size: the divisor of the noisy sum when ``loss_reduction="mean"`` (N·q for Poisson).
         context: where the data loader says whether the current physical batch ends its logical batch.
     """
@@ -33,17 +34,18 @@ class FastDPOptimizer(DPOptimizer):
         optimizer: Optimizer,
         *,
         noise_multiplier: float,
-        max_grad_norm: float,
+        bound: ClipBound,
         expected_batch_size: float | None,
         loss_reduction: str = "mean",
         generator: torch.Generator | None = None,
         secure_mode: bool = False,
         context: BatchContext | None = None,
     ) -> None:
+        self.bound = bound
         super().__init__(
             optimizer,
             noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
+            max_grad_norm=bound.total,
             expected_batch_size=expected_batch_size,
             loss_reduction=loss_reduction,
             generator=generator,
@@ -52,6 +54,15 @@ class FastDPOptimizer(DPOptimizer):
         self.context = context
         #: called with the list of summed clipped gradients before noise (distributed all-reduce goes here)
         self.reduce_hook: Callable[[Sequence[torch.Tensor]], None] | None = None
+
+    @property
+    def max_grad_norm(self) -> float:
+        """C for the noise std σ·C; setting it changes the engine's clipping too (one source of truth)."""
+        return self.bound.total
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float) -> None:
+        self.bound.set_total(value)
 
     @property
     def accumulated_iterations(self) -> int:

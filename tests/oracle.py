@@ -6,6 +6,7 @@ import torch
 from opacus.utils.per_sample_gradients_utils import compute_microbatch_grad_sample
 from torch import nn
 
+from opacus_fast.clipping import ClipBound
 from opacus_fast.engine import BKEngine
 
 
@@ -50,7 +51,7 @@ def bk_clipped_sum(
 ) -> dict[str, torch.Tensor]:
     """The BK engine's clipped sum on the same batch and loss (engine attached, one backward, then detached)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    engine = BKEngine(model, max_grad_norm=max_grad_norm, params=list(params.values()), loss_reduction=loss_reduction)
+    engine = BKEngine(model, bound=ClipBound(max_grad_norm), loss_reduction=loss_reduction)
     try:
         l1_loss(model(x), loss_reduction).backward()
         for n, p in params.items():

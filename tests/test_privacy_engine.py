@@ -306,3 +306,52 @@ def test_with_epsilon_reaches_target() -> None:
             dp_opt.step()
     eps = engine.get_epsilon(1e-5)
     assert 1.9 < eps <= 2.0
+
+
+def test_parameter_unfrozen_after_attaching_is_refused() -> None:
+    torch.manual_seed(0)
+    model = mlp().double()
+    model[0].requires_grad_(False)
+    pmodel, _, _ = PrivacyEngine().make_private_fast(
+        module=model, optimizer=torch.optim.SGD(model[2:].parameters(), lr=0.1), data_loader=DataLoader(_data()),
+        noise_multiplier=1.0, max_grad_norm=1.0,
+    )
+    model[0].weight.requires_grad_(True)
+    with pytest.raises(UnsupportedModuleError, match="'0.weight' became trainable after make_private_fast"):
+        l1_loss(pmodel(_data().tensors[0][:3]), "sum").backward()
+
+
+def test_grad_clip_scheduler_changes_clipping_and_noise_together() -> None:
+    """One source of truth for C: Opacus' StepGradClip changes optimizer.max_grad_norm, and the engine clips with it."""
+    from opacus.schedulers import StepGradClip
+
+    _, model, (pmodel, optimizer, _) = _setup(loss_reduction="sum", max_grad_norm=2.5)
+    reference = mlp().double()
+    reference.load_state_dict(model.state_dict())
+    optimizer.original_optimizer.param_groups[0]["lr"] = 0.0
+    scheduler = StepGradClip(optimizer, step_size=1, gamma=0.9)
+    scheduler.step()
+    assert optimizer.max_grad_norm == pytest.approx(2.25)
+    x = _data().tensors[0][:8]
+    optimizer.zero_grad()
+    l1_loss(pmodel(x), "sum").backward()
+    optimizer.pre_step()
+    expected = loop_clipped_sum(reference, x, 2.25, "sum")
+    for name, p in zip(expected, model.parameters()):
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=1e-12)
+
+
+def test_bf16_autocast_close_to_float32_reference() -> None:
+    """Mixed precision: activations and grads in bf16, norms in fp32; the clipped sum stays close to exact."""
+    from models import TinyTransformer
+    from oracle import bk_clipped_sum
+
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    ids = torch.randint(1, 9, (6, 6), generator=torch.Generator().manual_seed(1))
+    expected = loop_clipped_sum(model, ids, 0.05, "sum")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = bk_clipped_sum(model, ids, 0.05, "sum")
+    for name, ref in expected.items():
+        assert got[name].dtype == torch.float32
+        assert (got[name] - ref).norm() <= 0.05 * ref.norm() + 1e-4, name
