@@ -17,13 +17,23 @@ def use_ghost(tokens: int, out_features: int, in_features: int) -> bool:
     return 2 * tokens * tokens < out_features * in_features
 
 
+def gram(x: Tensor) -> Tensor:
+    """Per-example ``x_i x_i^T`` (B, T, T) in at least float32; on CUDA a half-precision GEMM writes float32 directly."""
+    dtype = norm_dtype(x.dtype)
+    if x.dtype != dtype and x.is_cuda:
+        return torch.bmm(x, x.transpose(1, 2), out_dtype=dtype)
+    x = x.to(dtype)
+    return torch.bmm(x, x.transpose(1, 2))
+
+
 def ghost_sq_norm(a: Tensor, g: Tensor) -> Tensor:
     """``||g_i^T a_i||_F^2 = <a_i a_i^T, g_i g_i^T>`` for a: (B, T, d), g: (B, T, p), without forming g_i^T a_i."""
     batch = a.shape[0]
     if a.shape[1] == 1:
-        return a.pow(2).sum(dim=(1, 2)) * g.pow(2).sum(dim=(1, 2))
-    aa = torch.bmm(a, a.transpose(1, 2)).reshape(batch, 1, -1)
-    gg = torch.bmm(g, g.transpose(1, 2)).reshape(batch, -1, 1)
+        dtype = norm_dtype(g.dtype)
+        return a.to(dtype).pow(2).sum(dim=(1, 2)) * g.to(dtype).pow(2).sum(dim=(1, 2))
+    aa = gram(a).reshape(batch, 1, -1)
+    gg = gram(g).reshape(batch, -1, 1)
     return torch.bmm(aa, gg).reshape(batch)
 
 
@@ -55,18 +65,17 @@ class LinearRule(LayerRule):
     def norms(self, layer: nn.Linear, saved: Saved, g: Tensor, names: Iterable[str]) -> tuple[Norms, Any]:
         a, gf = _flat(saved[0], g)
         dtype = norm_dtype(gf.dtype)
-        a, gf = a.to(dtype), gf.to(dtype)
         out: Norms = {}
         cache = None
         if "weight" in names:
             tokens, p, d = a.shape[1], gf.shape[2], a.shape[2]
             if tokens == 1 or use_ghost(tokens, p, d):
-                out["weight"] = ghost_sq_norm(a, gf)
+                out["weight"] = ghost_sq_norm(a.to(gf.dtype), gf)
             else:
-                cache = torch.bmm(gf.transpose(1, 2), a)
+                cache = torch.bmm(gf.transpose(1, 2).to(dtype), a.to(dtype))
                 out["weight"] = sq_norm(cache)
         if "bias" in names:
-            out["bias"] = sq_norm(gf.sum(dim=1))
+            out["bias"] = sq_norm(gf.sum(dim=1, dtype=dtype))
         return out, cache
 
     def clipped_sum(
