@@ -74,7 +74,8 @@ class PhysicalBatchSampler(Sampler[list[int]]):
     """Yields the physical batches (lists of dataset indices) of the logical batches of a Poisson sampler.
 
     While a :class:`DPDataLoader` iterates, ``sink`` is a FIFO that receives, for each physical batch as it is
-    drawn, its info and, for the last one of a logical batch, the sampler state that draws the next logical batch.
+    drawn, its info and the sampler state to resume from once it has been consumed: the state that draws the next
+    logical batch after the last physical batch of one, else the state that draws its own logical batch again.
     The DataLoader keeps the order of batches, so the loader pops one entry per batch it yields, whatever the
     number of workers and the prefetching.
 
@@ -105,12 +106,15 @@ class PhysicalBatchSampler(Sampler[list[int]]):
                 "DPDataLoader, which publishes the masks: iterate the DPDataLoader itself, or build it without "
                 "max_physical_batch_size to wrap it in Opacus' BatchMemoryManager"
             )
-        for step, draw in enumerate(self.logical.draws()):
-            resume = self.logical.state_dict() if sink is not None else None
+        draws = self.logical.draws()
+        before = self.logical.state_dict() if sink is not None else None  # draws the first logical batch
+        for step, draw in enumerate(draws):
+            after = self.logical.state_dict() if sink is not None else None  # draws the next one
             for rows, info in plan_physical_batches(draw, self.max_physical_batch_size, self.pad, step):
                 if sink is not None:
-                    sink.append((info, resume if info.is_last else None))
+                    sink.append((info, after if info.is_last else before))
                 yield rows
+            before = after
 
 
 class DPDataLoader(DataLoader):
@@ -127,8 +131,9 @@ class DPDataLoader(DataLoader):
         pad: whether physical batches are padded to exactly P rows.
         context: the :class:`BatchContext` that receives each physical batch's info (None after iteration).
 
-    ``len(loader)`` is the number of logical steps per epoch, times ceil(expected part / P) when split: physical
-    batch counts are random, so this is an estimate.
+    ``len(loader)`` counts physical batches: the logical steps per epoch (:attr:`steps_per_epoch`, the number to
+    give an accountant), times ceil(expected part / P) when split; physical batch counts are random, so with P it
+    is an estimate. Batches always arrive in order (``in_order=True``), which the published infos rely on.
     """
 
     def __init__(
@@ -164,7 +169,7 @@ class DPDataLoader(DataLoader):
         self.pad = pad
         self.context = context if context is not None else BatchContext()
         self._iteration: object | None = None  # token of the active iteration
-        self._resume_state: dict[str, Any] | None = None  # sampler state that redraws the current logical batch
+        self._resume_state: dict[str, Any] | None = None  # where a run that stops now resumes; None: the sampler's
         super().__init__(
             dataset,
             batch_sampler=PhysicalBatchSampler(logical, max_physical_batch_size, pad),
@@ -225,6 +230,11 @@ class DPDataLoader(DataLoader):
             **options,
         )
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Logical batches (DP-SGD steps) per epoch."""
+        return self.batch_sampler.logical.steps
+
     def __iter__(self) -> Iterator[Any]:
         """Yield the physical batches, publishing each one's info into ``context`` first (None at the end)."""
         token, plans = object(), deque()
@@ -234,9 +244,7 @@ class DPDataLoader(DataLoader):
         sampler.sink = plans
         try:
             for batch in super().__iter__():
-                info, resume = plans.popleft()
-                if resume is not None:
-                    self._resume_state = resume
+                info, self._resume_state = plans.popleft()
                 self.context.publish(info)
                 yield batch
         finally:
@@ -247,19 +255,22 @@ class DPDataLoader(DataLoader):
                 self.context.publish(None)
 
     def state_dict(self) -> dict[str, Any]:
-        """The sampler state after the last logical batch whose final physical batch was yielded.
+        """Where the batches yielded so far leave the run, also after the loop was left early (break, return).
 
-        Loading it (:meth:`load_state_dict`) makes the next iteration yield the batches that would have followed;
-        a logical batch interrupted midway is drawn again from its start.
+        A loader that loads it (:meth:`load_state_dict`) yields, at its next iteration, the batches that followed
+        the last completed logical batch: a logical batch interrupted midway is drawn again from its start (its
+        partial gradient sum is not part of any checkpoint). Iterating *this* loader again without loading
+        starts a new epoch instead, like any DataLoader.
         """
-        active = self._iteration is not None
-        return {"sampler": self._resume_state if active else self.batch_sampler.logical.state_dict()}
+        state = self._resume_state
+        return {"sampler": state if state is not None else self.batch_sampler.logical.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict` at the next iteration (call it between epochs, not inside the loop)."""
+        """Resume from :meth:`state_dict` at the next iteration (call it outside the loop)."""
         if self._iteration is not None:
             raise RuntimeError("load_state_dict was called during an iteration: call it before the next epoch's loop")
         self.batch_sampler.logical.load_state_dict(state["sampler"])
+        self._resume_state = None
 
 
 class EmptyBatchCollate:

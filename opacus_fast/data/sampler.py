@@ -63,8 +63,8 @@ def _uniform_subset(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def _os_seed() -> int:
-    """63 bits from the operating system's entropy source."""
-    return int.from_bytes(os.urandom(8), "little") >> 1
+    """A 64-bit seed from the operating system's entropy source."""
+    return int.from_bytes(os.urandom(8), "little")
 
 
 def _seed_from_global_rng() -> int:
@@ -108,8 +108,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
         sample_rate: inclusion probability q in (0, 1].
         steps: logical batches per epoch (``len(sampler)``); default ``int(1 / sample_rate)``, as in Opacus.
         generator: source of randomness; default: a new generator seeded from torch's global RNG.
-        secure_mode: draw every step from a generator freshly seeded with OS entropy (``os.urandom``), so that
-            the batches cannot be replayed from a seed; refuses a user ``generator``.
+        secure_mode: draw every step from a generator freshly seeded with 64 bits of OS entropy (``os.urandom``):
+            no seed exists that could replay the batches. (The per-step generator is torch's Mersenne Twister,
+            not a cryptographic one.) Refuses a user ``generator``.
 
     Iterating starts a new epoch of ``steps`` batches, except right after :meth:`load_state_dict`, which resumes
     where the saved run stood.

@@ -47,7 +47,8 @@ class _AffineNormRule(LayerRule):
         return out
 
 
-@register_rule(nn.LayerNorm)
+# timm's LayerNorm only adds an optional fused kernel for the same function
+@register_rule(nn.LayerNorm, "timm.layers.norm.LayerNorm")
 class LayerNormRule(_AffineNormRule):
     def forward(self, layer: nn.LayerNorm, x: Tensor) -> tuple[Tensor, Saved]:
         dtype = _compute_dtype(x)

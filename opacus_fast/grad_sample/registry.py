@@ -61,14 +61,23 @@ class LayerRule:
 
 
 _RULES: dict[type[nn.Module], LayerRule] = {}
+_NAMED_RULES: dict[str, LayerRule] = {}
 
 
-def register_rule(*layer_types: type[nn.Module]) -> Callable[[type[LayerRule]], type[LayerRule]]:
-    """Class decorator: use this rule for the given layer types (and their subclasses that keep its methods)."""
+def register_rule(*layer_types: type[nn.Module] | str) -> Callable[[type[LayerRule]], type[LayerRule]]:
+    """Class decorator: use this rule for the given layer types (and their subclasses that keep its methods).
+
+    A type may be given as ``"module.QualName"`` (exact class only): a library's subclass whose own ``forward``
+    computes the same function, registered without importing that library.
+    """
 
     def decorate(rule_cls: type[LayerRule]) -> type[LayerRule]:
+        rule = rule_cls()
         for layer_type in layer_types:
-            _RULES[layer_type] = rule_cls()
+            if isinstance(layer_type, str):
+                _NAMED_RULES[layer_type] = rule
+            else:
+                _RULES[layer_type] = rule
         return rule_cls
 
     return decorate
@@ -76,7 +85,11 @@ def register_rule(*layer_types: type[nn.Module]) -> Callable[[type[LayerRule]], 
 
 def find_rule(layer: nn.Module) -> LayerRule | None:
     """The rule for ``layer``: its own type's, or a base type's if the subclass overrides none of its methods."""
-    for base in type(layer).__mro__:
+    cls = type(layer)
+    named = _NAMED_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+    if named is not None:
+        return named
+    for base in cls.__mro__:
         rule = _RULES.get(base)
         if rule is None:
             continue
