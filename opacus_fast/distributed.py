@@ -17,6 +17,9 @@ drawing from rank 0's own cryptographically secure generator, and no rank can re
 The other ranks see only the noisy global sum, the same quantity a single-process run releases; the trust model
 is that of one training job (ranks see each other's unnoised partial sums during the all-reduce).
 
+Checkpoints: all ranks hold the same state, so :func:`save_checkpoint` lets rank 0 write it and every rank loads
+it with ``PrivacyEngine.load_checkpoint``.
+
 Failures: every collective here times out after the process group's ``timeout`` (set it in
 ``init_process_group(timeout=...)``: the default is 30 minutes for gloo, 10 for NCCL). A rank that raises, dies or
 stops calling ``optimizer.step()`` makes the others fail with :class:`DistributedStepError` within that time (at
@@ -82,15 +85,14 @@ def _refuse_ddp_forward(ddp: nn.Module, args: Any) -> None:
 
 @dataclass
 class DistributedSetup:
-    """A model wrapped for distributed DP training: the wrapper, the user's inner model and the process group."""
+    """A model wrapped for distributed DP training (on the default process group): the wrapper and the user's model."""
 
     wrapper: nn.Module
     module: nn.Module
-    group: Any = None
 
     def start(self, engine: Any) -> None:
         """Broadcast parameters and buffers from rank 0; make a DDP wrapper refuse to run (until cleanup)."""
-        broadcast_from_rank0(list(self.module.parameters()) + list(self.module.buffers()), self.group)
+        broadcast_from_rank0(list(self.module.parameters()) + list(self.module.buffers()))
         if isinstance(self.wrapper, DistributedDataParallel):
             # removed by the engine's detach(), i.e. by the returned model's cleanup()
             engine._handles.append(self.wrapper.register_forward_pre_hook(_refuse_ddp_forward))
@@ -157,12 +159,11 @@ def coalesced(
     return out
 
 
-def broadcast_from_rank0(tensors: Sequence[Tensor], group: Any = None) -> None:
+def broadcast_from_rank0(tensors: Sequence[Tensor]) -> None:
     """Overwrite ``tensors`` in place with rank 0's values (in a few flat buckets)."""
-    src = dist.get_global_rank(group, 0) if group is not None else 0
     synced = _guarded(
         "the broadcast of the initial parameters",
-        lambda: coalesced(tensors, lambda flat: dist.broadcast(flat, src=src, group=group, async_op=True)),
+        lambda: coalesced(tensors, lambda flat: dist.broadcast(flat, src=0, async_op=True)),
     )
     with torch.no_grad():
         for t, value in zip(tensors, synced):
@@ -186,19 +187,17 @@ def _guarded(what: str, run: Callable[[], Any]) -> Any:
 class DistributedFastDPOptimizer(FastDPOptimizer):
     """:class:`FastDPOptimizer` for several ranks: at each logical step's end, one all-reduce and one noise draw.
 
-    Rank 0 (of ``process_group``) adds N(0, σ²C²) to its local clipped sums, then the sums of all ranks are
-    all-reduced in buckets of at most ``bucket_cap_mb``; ``expected_batch_size`` must be the GLOBAL N·q. Only rank
-    0's ``generator`` is used. Other arguments: as :class:`FastDPOptimizer`.
+    Rank 0 adds N(0, σ²C²) to its local clipped sums, then the sums of all ranks of the default process group are
+    all-reduced in buckets of at most ``bucket_cap_mb`` (an attribute you may change); ``expected_batch_size`` must be
+    the GLOBAL N·q. Only rank 0's ``generator`` is used. Arguments: as :class:`FastDPOptimizer`.
     """
 
-    def __init__(
-        self, *args: Any, process_group: Any = None, bucket_cap_mb: float = BUCKET_CAP_MB, **kwargs: Any
-    ) -> None:
+    bucket_cap_mb: float = BUCKET_CAP_MB
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         _require_initialised()
         super().__init__(*args, **kwargs)
-        self.process_group = process_group
-        self.bucket_cap_mb = bucket_cap_mb
-        self.adds_noise = dist.get_rank(process_group) == 0
+        self.adds_noise = dist.get_rank() == 0
         #: logical steps completed (for error messages)
         self.logical_steps = 0
 
@@ -210,10 +209,9 @@ class DistributedFastDPOptimizer(FastDPOptimizer):
             std = self.noise_multiplier * self.max_grad_norm
             sums = [s + _generate_noise(std=std, reference=s, generator=self.generator, secure_mode=self.secure_mode)
                     for s in sums]
-        group = self.process_group
         reduced = _guarded(
             f"the all-reduce of the clipped gradient sums of logical step {self.logical_steps}",
-            lambda: coalesced(sums, lambda flat: dist.all_reduce(flat, group=group, async_op=True), self.bucket_cap_mb),
+            lambda: coalesced(sums, lambda flat: dist.all_reduce(flat, async_op=True), self.bucket_cap_mb),
         )
         for p, total in zip(self.params, reduced):
             p.grad = total
@@ -221,51 +219,14 @@ class DistributedFastDPOptimizer(FastDPOptimizer):
         self.logical_steps += 1
 
 
-def _noise_rng(optimizer: FastDPOptimizer) -> torch.Generator | None:
-    """The generator the optimizer's noise comes from (None in secure mode, whose state must never be replayed)."""
-    if optimizer.secure_mode:
-        return None
-    if optimizer.generator is not None:
-        return optimizer.generator
-    device = optimizer.params[0].device if optimizer.params else torch.device("cpu")
-    if device.type == "cuda":
-        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
-    return torch.default_generator
+def save_checkpoint(privacy_engine: Any, **kwargs: Any) -> None:
+    """On every rank: rank 0 writes ``privacy_engine.save_checkpoint(**kwargs)``, the others wait until it is written.
 
-
-def save_checkpoint(
-    path: Any, *, privacy_engine: Any, module: nn.Module, optimizer: DistributedFastDPOptimizer, data_loader: Any,
-    extra: Any = None,
-) -> None:
-    """Rank 0 saves model, optimizer, accountant, sampler and noise-generator state; all ranks then wait for it.
-
-    Call it on every rank (it ends with a barrier). Model, optimizer, accountant and sampler state are identical on
-    all ranks, so rank 0's copy resumes every rank. The noise generator's state is saved so that a resumed run does
-    not replay noise it has already used (identical noise at two steps would cancel out of their difference).
+    Model, optimizer (with its noise generator), accountant and Poisson sampler are identical on all ranks, so rank
+    0's file resumes every rank: each loads it with ``privacy_engine.load_checkpoint(path=..., module=...,
+    optimizer=..., data_loader=..., torch_load_kwargs={"map_location": "cpu"})`` (the states are copied to the
+    model's device; generator states must stay on the CPU).
     """
     if dist.get_rank() == 0:
-        rng = _noise_rng(optimizer)
-        privacy_engine.save_checkpoint(
-            path=path, module=module, optimizer=optimizer,
-            checkpoint_dict={
-                "data_loader": data_loader.state_dict(),
-                "noise_rng_state": None if rng is None else rng.get_state(),
-                "extra": extra,
-            },
-        )
+        privacy_engine.save_checkpoint(**kwargs)
     _guarded("the barrier after saving a checkpoint", dist.barrier)
-
-
-def load_checkpoint(
-    path: Any, *, privacy_engine: Any, module: nn.Module, optimizer: DistributedFastDPOptimizer, data_loader: Any,
-    map_location: Any = None,
-) -> Any:
-    """Load a :func:`save_checkpoint` file on this rank (call it on every rank, between epochs); returns ``extra``."""
-    checkpoint = privacy_engine.load_checkpoint(
-        path=path, module=module, optimizer=optimizer, torch_load_kwargs={"map_location": map_location}
-    )
-    data_loader.load_state_dict(checkpoint["data_loader"])
-    rng = _noise_rng(optimizer) if optimizer.adds_noise else None  # other ranks' generators draw no noise
-    if rng is not None and checkpoint["noise_rng_state"] is not None:
-        rng.set_state(checkpoint["noise_rng_state"].cpu())
-    return checkpoint["extra"]

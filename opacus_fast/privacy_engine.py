@@ -13,6 +13,7 @@ from torch import nn, optim
 from torch.utils.data import DataLoader
 
 from .accounting import get_noise_multiplier
+from .clipping import ClipBound
 from .data.context import BatchContext
 from .distributed import DistributedFastDPOptimizer, unwrap_distributed
 from .engine import BKEngine, plan_sites
@@ -151,7 +152,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
 
             loader = DPDataLoader.from_data_loader(
                 data_loader, sample_rate=sample_rate, max_physical_batch_size=max_physical_batch_size,
-                pad=pad_physical_batches, generator=self.secure_rng, secure_mode=self.secure_mode, context=context,
+                pad=pad_physical_batches, generator=None, secure_mode=self.secure_mode, context=context,
                 distributed=setup is not None,
             )
             rate, expected = loader.sample_rate, loader.expected_batch_size
@@ -168,12 +169,11 @@ class PrivacyEngine(opacus.PrivacyEngine):
         if self.dataset is None:
             self.dataset = data_loader.dataset
 
-        engine = BKEngine(module, max_grad_norm=max_grad_norm, params=params, loss_reduction=loss_reduction,
-                          context=context)
-        flat_bound = max_grad_norm if clipping == "flat" else math.sqrt(sum(b * b for b in max_grad_norm))
+        bound = ClipBound(max_grad_norm, params)
+        engine = BKEngine(module, bound=bound, loss_reduction=loss_reduction, context=context)
         optimizer_class = FastDPOptimizer if setup is None else DistributedFastDPOptimizer
         dp_optimizer = optimizer_class(
-            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=flat_bound, expected_batch_size=expected,
+            optimizer, noise_multiplier=noise_multiplier, bound=bound, expected_batch_size=expected,
             loss_reduction=loss_reduction, generator=self.secure_rng if self.secure_mode else noise_generator,
             secure_mode=self.secure_mode, context=context,
         )
