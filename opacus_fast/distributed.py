@@ -95,7 +95,7 @@ class DistributedSetup:
         broadcast_from_rank0(list(self.module.parameters()) + list(self.module.buffers()))
         if isinstance(self.wrapper, DistributedDataParallel):
             # removed by the engine's detach(), i.e. by the returned model's cleanup()
-            engine._handles.append(self.wrapper.register_forward_pre_hook(_refuse_ddp_forward))
+            engine.add_handle(self.wrapper.register_forward_pre_hook(_refuse_ddp_forward))
 
 
 def unwrap_distributed(module: nn.Module, *, poisson_sampling: bool) -> DistributedSetup | None:

@@ -204,6 +204,10 @@ class BKEngine:
                 if id(p) in owners:
                     self._handles.append(p.register_hook(self._leak_guard(owners.pop(id(p)))))
 
+    def add_handle(self, handle: Any) -> None:
+        """Keep a hook handle (anything with ``.remove()``) to be removed by :meth:`detach`."""
+        self._handles.append(handle)
+
     def detach(self) -> None:
         """Restore the model exactly as it was (methods and hooks)."""
         for site in self.sites:

@@ -7,7 +7,7 @@ scales, calls the accountant hook and steps.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from opacus.optimizers import DPOptimizer
@@ -52,8 +52,6 @@ class FastDPOptimizer(DPOptimizer):
             secure_mode=secure_mode,
         )
         self.context = context
-        #: called with the list of summed clipped gradients before noise (distributed all-reduce goes here)
-        self.reduce_hook: Callable[[Sequence[torch.Tensor]], None] | None = None
 
     @property
     def max_grad_norm(self) -> float:
@@ -97,8 +95,6 @@ class FastDPOptimizer(DPOptimizer):
         """``p.grad = summed clipped grads + N(0, σ²C²)``, drawn once per parameter per logical batch."""
         sums = [p.summed_grad if getattr(p, "summed_grad", None) is not None else torch.zeros_like(p)
                 for p in self.params]
-        if self.reduce_hook is not None:
-            self.reduce_hook(sums)
         for p, s in zip(self.params, sums):
             noise = _generate_noise(
                 std=self.noise_multiplier * self.max_grad_norm,
@@ -130,7 +126,7 @@ class FastDPOptimizer(DPOptimizer):
         extra = state.pop("opacus_fast", {})
         self.original_optimizer.load_state_dict(state)
         if extra.get("noise_generator") is not None and self.generator is not None:
-            self.generator.set_state(extra["noise_generator"])
+            self.generator.set_state(extra["noise_generator"].cpu())
         for p in self.params:
             p.summed_grad = None
         self._is_last_step_skipped = False

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import opacus
+import torch
 from opacus.grad_sample import GradSampleModule
 from torch import nn, optim
 from torch.utils.data import DataLoader
@@ -93,6 +94,16 @@ def _check_options(
     return params
 
 
+def _noise_generator(generator: torch.Generator | None, params: Sequence[nn.Parameter]) -> torch.Generator | None:
+    """The user's generator, or a dedicated one seeded from torch's global RNG (so ``torch.manual_seed`` still
+    reproduces runs) whose state checkpoints save: a resumed run must never replay noise already used."""
+    devices = {p.device for p in params}
+    if generator is not None or len(devices) != 1:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    return torch.Generator(device=devices.pop()).manual_seed(seed)
+
+
 class PrivacyEngine(opacus.PrivacyEngine):
     """Opacus' PrivacyEngine plus :meth:`make_private_fast` (and its ``_with_epsilon`` variant)."""
 
@@ -174,7 +185,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
         optimizer_class = FastDPOptimizer if setup is None else DistributedFastDPOptimizer
         dp_optimizer = optimizer_class(
             optimizer, noise_multiplier=noise_multiplier, bound=bound, expected_batch_size=expected,
-            loss_reduction=loss_reduction, generator=self.secure_rng if self.secure_mode else noise_generator,
+            loss_reduction=loss_reduction, generator=self.secure_rng if self.secure_mode else _noise_generator(noise_generator, params),
             secure_mode=self.secure_mode, context=context,
         )
         if setup is not None:

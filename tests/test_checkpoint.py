@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from opacus_fast import PrivacyEngine
 
 
-def _fresh():
-    """Fresh, identically seeded model, engine, optimizer and loader."""
+def _fresh(user_generator: bool = True):
+    """Fresh, identically seeded model, engine, optimizer and loader (default noise generator if not user's)."""
     torch.manual_seed(0)
     model = mlp().double()
     g = torch.Generator().manual_seed(3)
@@ -21,7 +21,7 @@ def _fresh():
     pmodel, opt, loader = engine.make_private_fast(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9),
         data_loader=DataLoader(data, batch_size=20), noise_multiplier=1.0, max_grad_norm=1.0,
-        noise_generator=torch.Generator().manual_seed(5), max_physical_batch_size=8,
+        noise_generator=torch.Generator().manual_seed(5) if user_generator else None, max_physical_batch_size=8,
     )
     loader.batch_sampler.logical.generator.manual_seed(11)
     return engine, model, pmodel, opt, loader
@@ -43,23 +43,25 @@ def _train(pmodel, opt, loader, steps: int, interrupt_after_physical: bool = Fal
     return done
 
 
+@pytest.mark.parametrize("user_generator", [True, False])
 @pytest.mark.parametrize("interrupt_inside_logical_batch", [False, True])
-def test_resume_matches_uninterrupted_run(tmp_path, interrupt_inside_logical_batch: bool) -> None:
+def test_resume_matches_uninterrupted_run(tmp_path, interrupt_inside_logical_batch: bool, user_generator: bool) -> None:
     """4 logical steps straight == 2 steps (+ part of the 3rd), checkpoint, fresh objects, resume, 2 more steps."""
-    engine, model, pmodel, opt, loader = _fresh()
+    engine, model, pmodel, opt, loader = _fresh(user_generator)
     assert _train(pmodel, opt, loader, 4) == 4
     expected_params = [p.detach().clone() for p in model.parameters()]
     expected_eps = engine.get_epsilon(1e-5)
 
-    engine, model, pmodel, opt, loader = _fresh()
+    engine, model, pmodel, opt, loader = _fresh(user_generator)
     _train(pmodel, opt, loader, 2, interrupt_after_physical=interrupt_inside_logical_batch)
     path = tmp_path / "ckpt.pt"
     engine.save_checkpoint(path=path, module=pmodel, optimizer=opt, data_loader=loader)
 
-    engine2, model2, pmodel2, opt2, loader2 = _fresh()
+    engine2, model2, pmodel2, opt2, loader2 = _fresh(user_generator)
     with torch.no_grad():
         for p in model2.parameters():
             p.add_(1.0)  # the checkpoint must overwrite this
+    opt2.generator.manual_seed(999)  # and the noise generator's state (the user's or the default one)
     engine2.load_checkpoint(path=path, module=pmodel2, optimizer=opt2, data_loader=loader2)
     assert _train(pmodel2, opt2, loader2, 2) == 2
     for p, q in zip(model2.parameters(), expected_params):

@@ -194,7 +194,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         if (generator_state is None) != self.secure_mode:
             raise ValueError("the state was saved with a different secure_mode; build the sampler the same way")
         if generator_state is not None:
-            self.generator.set_state(generator_state)
+            self.generator.set_state(generator_state.cpu())
         self._start_step = step
 
 
