@@ -72,7 +72,11 @@ class _LayerCapture(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         saved = ctx.saved_tensors
-        ctx.engine.record(Record(ctx.site, saved=saved, g=g))
+        site = ctx.site
+        if site.rule.eager:  # tiny parameters: per-example grads now, while x and g are in cache; both freed
+            ctx.engine.record(Record(site, per_sample=site.rule.per_sample(site.module, saved, g, site.params)))
+        else:
+            ctx.engine.record(Record(site, saved=saved, g=g))
         grad_x = None
         if ctx.needs_input_grad[2]:
             dev, enabled, dtype = ctx.amp

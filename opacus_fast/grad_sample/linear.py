@@ -75,7 +75,9 @@ class LinearRule(LayerRule):
                 cache = torch.bmm(gf.transpose(1, 2).to(dtype), a.to(dtype))
                 out["weight"] = sq_norm(cache)
         if "bias" in names:
-            out["bias"] = sq_norm(gf.sum(dim=1, dtype=dtype))
+            bias = gf.sum(dim=1, dtype=dtype)
+            out["bias"] = sq_norm(bias)
+            cache = {"weight": cache, "bias": bias}
         return out, cache
 
     def clipped_sum(
@@ -83,13 +85,15 @@ class LinearRule(LayerRule):
     ) -> dict[str, Tensor]:
         a, gf = _flat(saved[0], g)
         out = {}
+        cache = cache if isinstance(cache, dict) else {"weight": cache}
         if "weight" in factors:
-            if cache is not None:
-                out["weight"] = weighted_sum(factors["weight"], cache)
+            if cache["weight"] is not None:
+                out["weight"] = weighted_sum(factors["weight"], cache["weight"])
             else:
                 out["weight"] = scaled_outer_sum(factors["weight"], gf, a)
         if "bias" in factors:
-            out["bias"] = torch.einsum("b,bp->p", factors["bias"].to(gf.dtype), gf.sum(dim=1))
+            bias = cache.get("bias")
+            out["bias"] = weighted_sum(factors["bias"], gf.sum(dim=1) if bias is None else bias)
         return out
 
     def per_sample(self, layer: nn.Linear, saved: Saved, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:

@@ -29,6 +29,8 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 class _AffineNormRule(LayerRule):
     """Shared per-example logic; subclasses give x̂ and the dims a per-example gradient sums over."""
 
+    eager = True
+
     def xhat(self, layer: nn.Module, saved: Saved) -> Tensor:
         raise NotImplementedError
 

@@ -29,6 +29,8 @@ class LayerRule:
 
     #: methods of the layer class that must not be overridden by a subclass for this rule to apply
     checked_methods: tuple[str, ...] = ("forward",)
+    #: compute per-example gradients during backward instead of keeping (x, g) until its end (tiny parameters)
+    eager: bool = False
 
     def validate(self, layer: nn.Module) -> str | None:
         """Return why ``layer`` cannot be handled exactly (None if it can)."""
