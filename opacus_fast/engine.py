@@ -73,7 +73,7 @@ class _LayerCapture(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         saved = ctx.saved_tensors
         site = ctx.site
-        if site.rule.eager:  # tiny parameters: per-example grads now, while x and g are in cache; both freed
+        if site.rule.eager and g.shape[0] > 0:  # tiny parameters: per-example grads now, while x and g are hot
             ctx.engine.record(Record(site, per_sample=site.rule.per_sample(site.module, saved, g, site.params)))
         else:
             ctx.engine.record(Record(site, saved=saved, g=g))

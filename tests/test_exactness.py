@@ -8,6 +8,9 @@ from models import RepeatedCall, TiedLM, TinyTransformer, cnn1d, cnn2d, cnn3d, l
 from oracle import bk_clipped_sum, loop_clipped_sum, median_bound, reference_clipped_sum
 from torch import nn
 
+from opacus_fast.clipping import ClipBound
+from opacus_fast.engine import BKEngine
+
 RTOL = 1e-6
 
 
@@ -102,3 +105,17 @@ def test_resnet18_exact(source: str) -> None:
         model = torchvision.models.resnet18(num_classes=3)
     model = ModuleValidator.fix(model).double()
     assert_exact(model, torch.randn(3, 3, 32, 32, dtype=torch.float64), "mean")
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn2d", "cnn1d", "cnn3d", "linear4d", "transformer", "tied", "repeated"])
+def test_empty_batch_runs_through_every_layer_family(name: str) -> None:
+    """An unpadded empty Poisson batch: forward and backward work and nothing is added (a noise-only step)."""
+    model = _model(name)
+    x = _inputs(name, 6)[:0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine = BKEngine(model, bound=ClipBound(1.0))
+    try:
+        model(x).sum().backward()
+    finally:
+        engine.detach()
+    assert all(getattr(p, "summed_grad", None) is None and p.grad is None for p in params)

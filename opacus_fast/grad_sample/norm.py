@@ -7,6 +7,7 @@ from the fused backward kernel and x̂ from one elementwise pass: nothing is rec
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -107,7 +108,7 @@ class _GroupStatsRule(_AffineNormRule):
         x = x.to(dtype)
         n, c = x.shape[:2]
         out, mean, rstd = aten.native_group_norm(
-            x, _cast(layer.weight, dtype), _cast(layer.bias, dtype), n, c, x[0, 0].numel(), self.groups(layer),
+            x, _cast(layer.weight, dtype), _cast(layer.bias, dtype), n, c, math.prod(x.shape[2:]), self.groups(layer),
             layer.eps,
         )
         return out, (x, mean, rstd)
@@ -116,7 +117,7 @@ class _GroupStatsRule(_AffineNormRule):
         x, mean, rstd = saved
         n, c = x.shape[:2]
         return aten.native_group_norm_backward(
-            g.to(x.dtype).contiguous(), x, mean, rstd, _cast(layer.weight, x.dtype), n, c, x[0, 0].numel(),
+            g.to(x.dtype).contiguous(), x, mean, rstd, _cast(layer.weight, x.dtype), n, c, math.prod(x.shape[2:]),
             self.groups(layer), [True, False, False],
         )[0]
 
