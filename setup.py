@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
@@ -5,7 +7,7 @@ setup(
     version="0.1.0",
     description="Fast, exact DP-SGD for PyTorch: single-backward Book-Keeping clipping and true Poisson sampling "
     "as a drop-in extension of Opacus",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["opacus_fast", "opacus_fast.*"]),
     python_requires=">=3.10",

@@ -1,0 +1,1 @@
+"""Helpers of ``benchmarks/compare.py``: suites, methods, measurement in worker processes, reports."""
