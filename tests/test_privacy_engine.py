@@ -355,3 +355,30 @@ def test_bf16_autocast_close_to_float32_reference() -> None:
     for name, ref in expected.items():
         assert got[name].dtype == torch.float32
         assert (got[name] - ref).norm() <= 0.05 * ref.norm() + 1e-4, name
+
+
+def test_opacus_batch_memory_manager_with_our_optimizer() -> None:
+    """Opacus' BatchMemoryManager splits each logical batch; our optimizer steps (and adds noise) once per logical
+    batch, and the update equals the exact clipped sum of the whole logical batch."""
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    _, model, (pmodel, optimizer, loader) = _setup(batch_size=16)
+    reference = mlp().double()
+    reference.load_state_dict(model.state_dict())
+    optimizer.original_optimizer.param_groups[0]["lr"] = 0.0
+    steps, rows = 0, []
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=3, optimizer=optimizer) as memory_safe:
+        for x, _ in memory_safe:
+            assert len(x) <= 3
+            rows.append(x)
+            optimizer.zero_grad()
+            l1_loss(pmodel(x), "mean").backward()
+            optimizer.step()
+            if not optimizer._is_last_step_skipped:
+                steps += 1
+                batch, rows = torch.cat(rows), []
+                expected = loop_clipped_sum(reference, batch, 0.8, "mean")
+                for name, p in zip(expected, model.parameters()):
+                    torch.testing.assert_close(p.grad, expected[name] / loader.expected_batch_size, rtol=1e-6,
+                                               atol=1e-12)
+    assert steps == len(loader)
