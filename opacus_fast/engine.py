@@ -297,6 +297,13 @@ class BKEngine:
                 "backward pass to be clipped correctly. Add the losses together and call backward() once"
             )
         self._last_info = info
+        if info.index == 0 and any(getattr(p, "summed_grad", None) is not None
+                                   for site in self.sites for p in site.params.values()):
+            raise RuntimeError(
+                "a new logical batch started while clipped gradients of an unfinished one are still pending (the "
+                "loop left a logical batch before its last physical batch was stepped). Call optimizer.zero_grad() "
+                "at the start of each iteration (it discards them), or optimizer.step() after every physical batch"
+            )
         if info.mask is None:
             return None
         if info.mask.shape[0] != batch:

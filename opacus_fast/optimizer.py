@@ -7,6 +7,7 @@ scales, calls the accountant hook and steps.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -90,6 +91,22 @@ class FastDPOptimizer(DPOptimizer):
             self.step_hook(self)
         self._is_last_step_skipped = False
         return True
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Clear gradients; partial sums are kept between physical batches of one logical batch.
+
+        At the first physical batch of a logical batch, partial sums still pending belong to a logical batch the
+        loop abandoned before its end: they were never released, so they are discarded (with a warning) rather
+        than added to this batch, where an example drawn twice would count twice.
+        """
+        info = self.context.current if self.context is not None else None
+        if info is not None and info.index == 0 and self._is_last_step_skipped:
+            warnings.warn(
+                "discarding the clipped gradients of a logical batch that was left before its last physical batch",
+                stacklevel=2,
+            )
+            self._is_last_step_skipped = False
+        super().zero_grad(set_to_none)
 
     def add_noise(self) -> None:
         """``p.grad = summed clipped grads + N(0, σ²C²)``, drawn once per parameter per logical batch."""

@@ -382,3 +382,39 @@ def test_opacus_batch_memory_manager_with_our_optimizer() -> None:
                     torch.testing.assert_close(p.grad, expected[name] / loader.expected_batch_size, rtol=1e-6,
                                                atol=1e-12)
     assert steps == len(loader)
+
+
+def _leave_inside_a_logical_batch(loader, pmodel, optimizer) -> None:
+    """Run physical batches until the first one that is not the last of its logical batch, then leave the loop."""
+    for x, _ in loader:
+        info = loader.context.current
+        optimizer.zero_grad()
+        l1_loss(pmodel(x), "mean").backward()
+        optimizer.step()
+        if not info.is_last:
+            return
+    raise AssertionError("no logical batch had two physical batches")
+
+
+def test_abandoned_logical_batch_is_discarded_not_carried_over() -> None:
+    """Partial sums of a logical batch the loop left early never reach the next batch (an example drawn in both
+    would count twice): zero_grad at the next batch's start discards them, and the next update is exact."""
+    _, model, (pmodel, optimizer, loader) = _setup(max_physical_batch_size=3)
+    optimizer.original_optimizer.param_groups[0]["lr"] = 0.0
+    _leave_inside_a_logical_batch(loader, pmodel, optimizer)
+    reference = mlp().double()
+    reference.load_state_dict(model.state_dict())
+    with pytest.warns(UserWarning, match="discarding the clipped gradients"):
+        batch, grads = next(_logical_batches(loader, pmodel, optimizer))
+    expected = loop_clipped_sum(reference, batch, 0.8, "mean")
+    for name, got in zip(expected, grads):
+        torch.testing.assert_close(got, expected[name] / loader.expected_batch_size, rtol=1e-6, atol=1e-12)
+
+
+def test_pending_sums_without_zero_grad_are_refused() -> None:
+    _, _, (pmodel, optimizer, loader) = _setup(max_physical_batch_size=3)
+    _leave_inside_a_logical_batch(loader, pmodel, optimizer)
+    x, _ = next(batches := iter(loader))
+    with pytest.raises(RuntimeError, match="clipped gradients of an unfinished one are still pending"):
+        l1_loss(pmodel(x), "mean").backward()
+    del batches
