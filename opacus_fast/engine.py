@@ -187,7 +187,6 @@ class BKEngine:
         self.loss_reduction = loss_reduction
         self.context = context
         self.bound = bound
-        self.after_backward: list[Callable[[], None]] = []
         self._records: list[Record] = []
         self._task: int | None = None
         self._last_info: Any = None
@@ -199,6 +198,7 @@ class BKEngine:
 
     # ---- attaching -------------------------------------------------------------------------------------------
     def _attach(self) -> None:
+        self._captured = frozenset(id(p) for site in self.sites for p in site.params.values())
         for site in self.sites:
             site.saved_attr = site.module.__dict__.get(site.method)
             setattr(site.module, site.method, self._make_call(site))
@@ -279,9 +279,8 @@ class BKEngine:
 
     def _check_coverage(self) -> None:
         """Refuse parameters made trainable after attaching: nothing captures them, so they would get noise only."""
-        captured = {id(p) for site in self.sites for p in site.params.values()}
         for name, p in self.model.named_parameters():
-            if p.requires_grad and id(p) not in captured:
+            if p.requires_grad and id(p) not in self._captured:
                 raise UnsupportedModuleError(
                     f"parameter '{name}' became trainable after make_private_fast, so it is not clipped; set "
                     "requires_grad before calling make_private_fast (after cleanup())"
@@ -325,8 +324,6 @@ class BKEngine:
                 )
         mask = self._mask(batch)
         if batch == 0:  # an empty (unpadded) logical batch: nothing to clip; the step is noise only
-            for fn in self.after_backward:
-                fn()
             return
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
 
@@ -371,8 +368,6 @@ class BKEngine:
                 _accumulate(rec.site.params[n], s)
         for p, grad in multi.items():
             _accumulate(p, weighted_sum(factors[p], grad))
-        for fn in self.after_backward:
-            fn()
 
     def _clip_factors(self, sq: dict[nn.Parameter, Tensor], scale: float, mask: Tensor | None) -> dict:
         """Per-parameter (B,) factors ``scale * min(1, C / (||G_i|| + 1e-6)) * mask_i`` (G_i the true gradient)."""

@@ -16,13 +16,14 @@ from torch import nn
 from .registry import LayerRule, Norms, Saved, Tensor, norm_dtype, register_rule
 
 
-def _grads(layer: nn.Embedding, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """(B·T,) token ids and (B·T, d) output grads, with the rows of ``padding_idx`` positions zeroed."""
+def _grads(layer: nn.Embedding, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(B·T,) example index and token id of every position, and its (B·T, d) output grad (zero at ``padding_idx``)."""
     ids = x.reshape(-1)
+    example = torch.arange(x.shape[0], device=x.device).repeat_interleave(x[0].numel() if x.shape[0] else 0)
     rows = g.reshape(-1, g.shape[-1])
     if layer.padding_idx is not None:
         rows = rows.masked_fill((ids == layer.padding_idx).unsqueeze(1), 0)
-    return ids, rows
+    return example, ids, rows
 
 
 @register_rule(nn.Embedding)
@@ -43,30 +44,23 @@ class EmbeddingRule(LayerRule):
         return None
 
     def norms(self, layer: nn.Embedding, saved: Saved, g: Tensor, names: Iterable[str]) -> tuple[Norms, Any]:
-        x = saved[0]
-        batch = x.shape[0]
-        ids, rows = _grads(layer, x, g)
+        example, ids, rows = _grads(layer, saved[0], g)
         rows = rows.to(norm_dtype(rows.dtype))
-        example = torch.arange(batch, device=x.device).repeat_interleave(ids.numel() // max(batch, 1))
         keys, inverse = torch.unique(example * layer.num_embeddings + ids, return_inverse=True)
         summed = rows.new_zeros(keys.numel(), rows.shape[1]).index_add_(0, inverse, rows)
-        sq = rows.new_zeros(batch).index_add_(0, keys // layer.num_embeddings, summed.pow(2).sum(dim=1))
+        sq = rows.new_zeros(saved[0].shape[0]).index_add_(0, keys // layer.num_embeddings, summed.pow(2).sum(dim=1))
         return {"weight": sq}, None
 
     def clipped_sum(
         self, layer: nn.Embedding, saved: Saved, g: Tensor, factors: dict[str, Tensor], cache: Any
     ) -> dict[str, Tensor]:
-        x = saved[0]
-        ids, rows = _grads(layer, x, g)
-        per_row = factors["weight"].to(rows.dtype).repeat_interleave(ids.numel() // max(x.shape[0], 1))
+        example, ids, rows = _grads(layer, saved[0], g)
+        per_row = factors["weight"].to(rows.dtype)[example]
         out = rows.new_zeros(layer.weight.shape).index_add_(0, ids, rows * per_row.unsqueeze(1))
         return {"weight": out}
 
     def per_sample(self, layer: nn.Embedding, saved: Saved, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
-        x = saved[0]
-        batch = x.shape[0]
-        ids, rows = _grads(layer, x, g)
-        example = torch.arange(batch, device=x.device).repeat_interleave(ids.numel() // max(batch, 1))
-        out = rows.new_zeros(batch, *layer.weight.shape)
+        example, ids, rows = _grads(layer, saved[0], g)
+        out = rows.new_zeros(saved[0].shape[0], *layer.weight.shape)
         out.index_put_((example, ids), rows, accumulate=True)
         return {"weight": out}

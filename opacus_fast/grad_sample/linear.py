@@ -66,34 +66,32 @@ class LinearRule(LayerRule):
         a, gf = _flat(saved[0], g)
         dtype = norm_dtype(gf.dtype)
         out: Norms = {}
-        cache = None
+        cache: dict[str, Tensor | None] = {"weight": None, "bias": None}
         if "weight" in names:
             tokens, p, d = a.shape[1], gf.shape[2], a.shape[2]
             if tokens == 1 or use_ghost(tokens, p, d):
                 out["weight"] = ghost_sq_norm(a.to(gf.dtype), gf)
             else:
-                cache = torch.bmm(gf.transpose(1, 2).to(dtype), a.to(dtype))
-                out["weight"] = sq_norm(cache)
+                cache["weight"] = torch.bmm(gf.transpose(1, 2).to(dtype), a.to(dtype))
+                out["weight"] = sq_norm(cache["weight"])
         if "bias" in names:
             bias = gf.sum(dim=1, dtype=dtype)
             out["bias"] = sq_norm(bias)
-            cache = {"weight": cache, "bias": bias}
+            cache["bias"] = bias
         return out, cache
 
     def clipped_sum(
         self, layer: nn.Linear, saved: Saved, g: Tensor, factors: dict[str, Tensor], cache: Any
     ) -> dict[str, Tensor]:
         a, gf = _flat(saved[0], g)
-        out = {}
-        cache = cache if isinstance(cache, dict) else {"weight": cache}
+        out = {}  # ``cache`` comes from ``norms`` over the same names
         if "weight" in factors:
             if cache["weight"] is not None:
                 out["weight"] = weighted_sum(factors["weight"], cache["weight"])
             else:
                 out["weight"] = scaled_outer_sum(factors["weight"], gf, a)
         if "bias" in factors:
-            bias = cache.get("bias")
-            out["bias"] = weighted_sum(factors["bias"], gf.sum(dim=1) if bias is None else bias)
+            out["bias"] = weighted_sum(factors["bias"], cache["bias"])
         return out
 
     def per_sample(self, layer: nn.Linear, saved: Saved, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
