@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="fp32 (TF32 off), tf32 (TF32 matmuls/convs, cuda only) or bf16 (autocast); several allowed")
     add("--repeat", type=int, help="repeats of every job, methods interleaved (default 3 on cpu)")
     add("--threads", type=int, help="torch.set_num_threads in every worker (cpu suite: 2; 0 = torch default)")
+    add("--keep-cpu-memory-all", action="store_true",
+        help="cpu: make glibc malloc keep freed memory in every method's worker (make_private_fast does so for "
+             "fast-bk by default; see opacus_fast.cpu_memory), to compare all methods under one allocator setting")
     add("--max-batch", action="store_true",
         help="cuda only: also search the largest physical batch that fits (doubling, then bisection to ~6%%)")
     add("--max-batch-cap", type=int, help="largest physical batch tried by --max-batch (default 4096)")
@@ -130,6 +133,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any] 
         config = with_overrides(config, threads=args.threads or 0)
     if args.max_batch:
         config = with_overrides(config, max_batch=True)
+    if args.keep_cpu_memory_all:
+        config = with_overrides(config, keep_cpu_memory_all=True)
     if config.device == "cuda" and args.threads is None and config.suite != "gpu":
         config = with_overrides(config, threads=0)
     return config, baseline
@@ -184,6 +189,7 @@ def environment(config: RunConfig, argv: Sequence[str], started: datetime) -> di
         "started_utc": f"{started:%Y-%m-%d %H:%M:%S}",
         "command": "python benchmarks/compare.py " + " ".join(argv),
         "device": config.device, "cpu_count": os.cpu_count(), "threads_per_worker": config.threads or "default",
+        "keep_cpu_memory": "all methods" if config.keep_cpu_memory_all else "fast-bk (make_private_fast default)",
         "python": platform.python_version(), "torch": torch.__version__, "opacus": opacus.__version__,
         "timm": timm.__version__, "opacus_fast": _opacus_fast_version(),
         "load_average_start": _load(),

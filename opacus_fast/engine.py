@@ -18,7 +18,7 @@ from torch import nn
 
 from .clipping import ClipBound
 from .data.context import BatchContext
-from .grad_sample import LayerRule, find_rule, find_unit, run_per_example, sq_norm, weighted_sum
+from .grad_sample import LayerRule, find_rule, find_unit, run_per_example, scratch_space, sq_norm, weighted_sum
 
 Tensor = torch.Tensor
 _MIXING = (nn.modules.batchnorm._BatchNorm,)
@@ -356,16 +356,17 @@ class BKEngine:
             sq[p] = sq_norm(grad)
 
         factors = self._clip_factors(sq, scale, mask)
-        for rec, cache in zip(records, caches):
-            wanted = {n: factors[p] for n, p in rec.site.params.items() if uses[p] == 1}
-            if not wanted:
-                continue
-            if rec.per_sample:
-                sums = {n: weighted_sum(f, rec.per_sample[n]) for n, f in wanted.items()}
-            else:
-                sums = rec.site.rule.clipped_sum(rec.site.module, rec.saved, rec.g, wanted, cache)
-            for n, s in sums.items():
-                _accumulate(rec.site.params[n], s)
+        with scratch_space():
+            for rec, cache in zip(records, caches):
+                wanted = {n: factors[p] for n, p in rec.site.params.items() if uses[p] == 1}
+                if not wanted:
+                    continue
+                if rec.per_sample:
+                    sums = {n: weighted_sum(f, rec.per_sample[n]) for n, f in wanted.items()}
+                else:
+                    sums = rec.site.rule.clipped_sum(rec.site.module, rec.saved, rec.g, wanted, cache)
+                for n, s in sums.items():
+                    _accumulate(rec.site.params[n], s)
         for p, grad in multi.items():
             _accumulate(p, weighted_sum(factors[p], grad))
 

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from .accounting import get_noise_multiplier
 from .clipping import ClipBound
+from .cpu_memory import keep_freed_memory
 from .data.context import BatchContext
 from .distributed import DistributedFastDPOptimizer, unwrap_distributed
 from .engine import BKEngine, plan_sites
@@ -126,6 +127,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
         max_physical_batch_size: int | None = None,
         pad_physical_batches: bool | None = None,
         sample_rate: float | None = None,
+        keep_cpu_memory: bool = True,
         **kwargs: Any,
     ) -> tuple[BKGradSampleModule, FastDPOptimizer, DataLoader]:
         """Make ``module``, ``optimizer`` and ``data_loader`` private; same keywords and return as ``make_private``.
@@ -139,6 +141,9 @@ class PrivacyEngine(opacus.PrivacyEngine):
             pad_physical_batches: pad every physical batch to exactly ``max_physical_batch_size`` rows with masked
                 examples (default: on whenever ``max_physical_batch_size`` is set), so every step has one shape.
             sample_rate: Poisson rate q (default ``1 / len(data_loader)``, as Opacus).
+            keep_cpu_memory: when the model is on the CPU, make glibc's malloc keep freed memory for reuse
+                (process-wide; see :mod:`opacus_fast.cpu_memory`): BK's higher peak otherwise costs page faults
+                on every step.
 
         Distributed training: pass the model wrapped in ``opacus_fast.distributed.DPDistributedModule`` (or in
         ``DistributedDataParallel``) on every rank; see :mod:`opacus_fast.distributed`.
@@ -180,6 +185,8 @@ class PrivacyEngine(opacus.PrivacyEngine):
         if self.dataset is None:
             self.dataset = data_loader.dataset
 
+        if keep_cpu_memory and any(p.device.type == "cpu" for p in params):
+            keep_freed_memory()
         bound = ClipBound(max_grad_norm, params)
         engine = BKEngine(module, bound=bound, loss_reduction=loss_reduction, context=context)
         optimizer_class = FastDPOptimizer if setup is None else DistributedFastDPOptimizer

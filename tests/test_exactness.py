@@ -10,6 +10,8 @@ from torch import nn
 
 from opacus_fast.clipping import ClipBound
 from opacus_fast.engine import BKEngine
+from opacus_fast.grad_sample import scale_examples, scratch_space
+from opacus_fast.grad_sample.linear import SPLIT_MIN_TOKENS, ghost_sq_norm
 
 RTOL = 1e-6
 
@@ -69,6 +71,29 @@ def test_ghost_and_instantiated_paths_agree() -> None:
     for tokens in (2, 30):  # first layer: 2T^2 = 8 < p*d = 120 (ghost), 1800 > 120 (instantiated)
         x = torch.randn(5, tokens, 3, dtype=torch.float64)
         assert_exact(wide, x)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, SPLIT_MIN_TOKENS - 1, SPLIT_MIN_TOKENS, SPLIT_MIN_TOKENS + 1, 65])
+def test_ghost_norm_equals_instantiated_norm(tokens: int) -> None:
+    """The Gram identity, whole or split into symmetric blocks, against the norm of g_i^T a_i itself."""
+    gen = torch.Generator().manual_seed(tokens)
+    a = torch.randn(4, tokens, 7, generator=gen, dtype=torch.float64)
+    g = torch.randn(4, tokens, 5, generator=gen, dtype=torch.float64)
+    expected = torch.einsum("btp,btd->bpd", g, a).pow(2).sum(dim=(1, 2))
+    torch.testing.assert_close(ghost_sq_norm(a, g), expected, rtol=1e-12, atol=0)
+
+
+def test_scaled_examples_reuse_one_tensor_only_inside_a_scratch_space() -> None:
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    f = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
+    expected = x * f[:, None, None]
+    assert scale_examples(x, f).data_ptr() != scale_examples(x, f).data_ptr()
+    with scratch_space():
+        first = scale_examples(x, f)
+        torch.testing.assert_close(first, expected, rtol=0, atol=0)
+        second = scale_examples(x, 3 * f)
+        assert second.data_ptr() == first.data_ptr()
+        torch.testing.assert_close(second, 3 * expected, rtol=0, atol=0)
 
 
 def test_frozen_parameters_are_skipped() -> None:

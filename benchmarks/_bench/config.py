@@ -36,6 +36,9 @@ class RunConfig:
     warmup: int = 2
     repeat: int = 3
     threads: int | None = 2
+    #: apply opacus_fast.cpu_memory.keep_freed_memory() in every worker, not only fast-bk's (which gets it from
+    #: make_private_fast): the like-for-like comparison
+    keep_cpu_memory_all: bool = False
     max_batch: bool = False
     max_batch_cap: int = 4096
     check_size: int = 8

@@ -56,6 +56,10 @@ def setup_process(config: RunConfig, precision: str) -> None:
     """Threads and TF32 switches for this process."""
     if config.threads:
         torch.set_num_threads(config.threads)
+    if config.keep_cpu_memory_all and config.device == "cpu":
+        from opacus_fast.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()
     if config.device == "cuda":
         allow = precision == "tf32"
         torch.backends.cuda.matmul.allow_tf32 = allow

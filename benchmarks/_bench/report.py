@@ -33,6 +33,11 @@ NOTES = [
         "batch-of-one reference, sum_i min(1, C/(|g_i|+1e-6)) g_i / n; pass if the relative error < 1e-6."
     ),
     (
+        "CPU memory: make_private_fast makes glibc's malloc keep freed memory for reuse (opacus_fast.cpu_memory), "
+        "so fast-bk's worker runs with that setting and the others with glibc's defaults; with "
+        "--keep-cpu-memory-all every worker gets it (the like-for-like comparison)."
+    ),
+    (
         "On a shared machine other processes slow all methods alike only on average: see the load averages."
     ),
 ]

@@ -1,7 +1,16 @@
 """Layer rules (one file per layer family) and units for parameters outside any rule layer."""
 
 from . import conv, embedding, linear, norm  # noqa: F401  (registers the rules)
-from .registry import LayerRule, find_rule, norm_dtype, register_rule, sq_norm, weighted_sum
+from .registry import (
+    LayerRule,
+    find_rule,
+    norm_dtype,
+    register_rule,
+    scale_examples,
+    scratch_space,
+    sq_norm,
+    weighted_sum,
+)
 from .units import find_unit, register_unit, run_per_example
 
 __all__ = [
@@ -12,6 +21,8 @@ __all__ = [
     "register_rule",
     "register_unit",
     "run_per_example",
+    "scale_examples",
+    "scratch_space",
     "sq_norm",
     "weighted_sum",
 ]

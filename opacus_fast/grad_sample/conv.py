@@ -14,8 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import use_ghost
-from .registry import LayerRule, Norms, Saved, Tensor, norm_dtype, register_rule, sq_norm, weighted_sum
+from .linear import ghost_sq_norm, use_ghost
+from .registry import (
+    LayerRule,
+    Norms,
+    Saved,
+    Tensor,
+    norm_dtype,
+    register_rule,
+    scale_examples,
+    sq_norm,
+    weighted_sum,
+)
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -106,9 +116,10 @@ class ConvRule(LayerRule):
             u, gg = _grouped(layer, x.to(dtype), g.to(dtype), padding)
             tokens, p_k, d_k = u.shape[3], gg.shape[2], u.shape[2]
             if use_ghost(tokens, p_k, d_k):
-                uu = torch.einsum("bkdt,bkds->bkts", u, u)
-                gram = torch.einsum("bkpt,bkps->bkts", gg, gg)
-                out["weight"] = (uu * gram).sum(dim=(1, 2, 3))
+                batch, groups = u.shape[:2]
+                a = u.transpose(2, 3).reshape(batch * groups, tokens, d_k)
+                gt = gg.transpose(2, 3).reshape(batch * groups, tokens, p_k)
+                out["weight"] = ghost_sq_norm(a, gt).reshape(batch, groups).sum(dim=1)
             else:
                 cache = torch.einsum("bkpt,bkdt->bkpd", gg, u).reshape(x.shape[0], *layer.weight.shape)
                 out["weight"] = sq_norm(cache)
@@ -125,8 +136,7 @@ class ConvRule(LayerRule):
             if cache is not None:
                 out["weight"] = weighted_sum(factors["weight"], cache)
             else:
-                shape = (-1,) + (1,) * (g.dim() - 1)
-                fg = g * factors["weight"].to(g.dtype).reshape(shape)
+                fg = scale_examples(g, factors["weight"])
                 out["weight"] = self._backward(layer, x, fg, [False, True, False])[1]
         if "bias" in factors:
             out["bias"] = torch.einsum("b,bc->c", factors["bias"].to(g.dtype), g.flatten(2).sum(dim=2))

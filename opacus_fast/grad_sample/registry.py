@@ -13,7 +13,9 @@ the loss with respect to the layer's output, the rule answers:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -109,6 +111,36 @@ def sq_norm(grads: Tensor) -> Tensor:
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype for norm arithmetic: float32 for half types (Gram products overflow fp16), else unchanged."""
     return torch.promote_types(dtype, torch.float32)
+
+
+_SCRATCH: ContextVar[dict | None] = ContextVar("opacus_fast_scratch", default=None)
+
+
+@contextmanager
+def scratch_space() -> Iterator[None]:
+    """Let ``scale_examples`` reuse one output tensor per shape until the block exits.
+
+    On the CPU every fresh multi-megabyte tensor costs page faults, about as much as the multiply that fills it.
+    """
+    token = _SCRATCH.set({})
+    try:
+        yield
+    finally:
+        _SCRATCH.reset(token)
+
+
+def scale_examples(x: Tensor, factor: Tensor) -> Tensor:
+    """``x_i * factor_i`` for each example i of ``x`` (B, ...), for immediate use (the result may be overwritten by
+    the next call inside a ``scratch_space``)."""
+    factor = factor.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
+    space = _SCRATCH.get()
+    if space is None or x.device.type != "cpu":  # CUDA's caching allocator already reuses memory
+        return x * factor
+    key = (tuple(x.shape), x.stride(), x.dtype)
+    out = space.get(key)
+    if out is None:
+        out = space[key] = torch.empty_like(x)
+    return torch.mul(x, factor, out=out)
 
 
 def weighted_sum(factor: Tensor, grads: Tensor) -> Tensor:
