@@ -33,6 +33,7 @@ class _AffineNormRule(LayerRule):
     eager = True
 
     def xhat(self, layer: nn.Module, saved: Saved) -> Tensor:
+        """The normalised input, as a fresh tensor (``per_sample`` multiplies it in place)."""
         raise NotImplementedError
 
     def reduce_dims(self, layer: nn.Module, x: Tensor) -> tuple[int, ...]:
@@ -43,7 +44,7 @@ class _AffineNormRule(LayerRule):
         dims = self.reduce_dims(layer, saved[0])
         out = {}
         if "weight" in names:
-            prod = self.xhat(layer, saved) * g
+            prod = self.xhat(layer, saved).mul_(g)
             out["weight"] = prod.sum(dim=dims) if dims else prod
         if "bias" in names:
             out["bias"] = g.sum(dim=dims) if dims else g
