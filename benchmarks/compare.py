@@ -57,7 +57,8 @@ on the device, so data loading costs nothing. Throughput counts every physical r
 between repeats; the ratio to sgd is computed per repeat; median and min-max are reported.
 
 Columns: ex/s (median over repeats) and its spread (max-min)/median; x sgd, the ratio to sgd (median,
-min-max); peak memory (CUDA max allocated on GPU, peak RSS of the worker process on CPU); with --max-batch
+min-max); peak memory (CUDA max allocated on GPU, peak RSS of the worker process on CPU); x opacus (when
+opacus runs), the throughput over Opacus hooks mode's in the same repeat (median); with --max-batch
 the largest physical batch that fits; correct: one noiseless step (lr=1, float64, a few examples, C = their
 median gradient norm) against the exact batch-of-one reference sum_i min(1, C/(|g_i|+1e-6)) g_i / n, pass
 if the relative error < 1e-6; target: the issue's CPU targets for fast-bk, met or not. A method that fails

@@ -165,6 +165,22 @@ def test_summary_takes_ratios_within_each_repeat():
     assert rows["sgd"]["correctness"] is None
 
 
+def test_ratio_to_opacus_is_taken_within_each_repeat():
+    records = [r for r in fake_records() if r["method"] != "opacus"]
+    for repeat, throughput in enumerate([40.0, 30.0]):
+        records.append({"model": "m", "method": "opacus", "precision": "fp32", "repeat": repeat, "status": "ok",
+                        "throughput": throughput, "peak_mem_mib": 50.0})
+    config = RunConfig(suite="cpu", models=[VIT_TINY_32], methods=["sgd", "opacus", "fast-bk"], precisions=["fp32"],
+                       repeat=2)
+    for r in records:
+        r["model"] = VIT_TINY_32
+    rows = {r["method"]: r for r in summarize(records, config)}
+    assert rows["fast-bk"]["opacus_ratio_min"] == pytest.approx(2.0)  # 80/40, then 90/30 = 3.0
+    assert rows["fast-bk"]["opacus_ratio_median"] == pytest.approx(2.5)
+    assert rows["fast-bk"]["opacus_target"] == 2.5 and rows["fast-bk"]["opacus_target_met"] is True
+    assert rows["opacus"]["opacus_ratio_median"] is None and rows["sgd"]["opacus_ratio_median"] is None
+
+
 def test_check_flags_regressions_failures_and_wrong_gradients():
     summary = summarize(fake_records(), fake_config())
     floor = {"model": "m", "precision": "fp32", "method": "fast-bk"}

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import METHODS, TARGETS, RunConfig
+from .config import METHODS, OPACUS_TARGETS, TARGETS, RunConfig
 
 NOTES = [
     (
@@ -44,7 +44,8 @@ NOTES = [
 
 CSV_FIELDS = ["model", "precision", "method", "status", "runs", "throughput_median", "throughput_min",
               "throughput_max", "ratio_median", "ratio_min", "ratio_max", "peak_mem_mib", "max_batch",
-              "correctness", "correctness_rel_err", "target", "target_met", "error"]
+              "opacus_ratio_median", "opacus_ratio_min", "opacus_ratio_max", "correctness", "correctness_rel_err",
+              "target", "target_met", "opacus_target", "opacus_target_met", "error"]
 
 
 def summarize(records: Sequence[dict[str, Any]], config: RunConfig) -> list[dict[str, Any]]:
@@ -54,24 +55,36 @@ def summarize(records: Sequence[dict[str, Any]], config: RunConfig) -> list[dict
         for precision in config.precisions:
             mine = [r for r in records if r["model"] == model and r["precision"] == precision
                     and not r.get("skipped")]
-            sgd = {r["repeat"]: r["throughput"] for r in mine if r["method"] == "sgd" and r["status"] == "ok"}
+            sgd = _throughput_by_repeat(mine, "sgd")
+            opacus = _throughput_by_repeat(mine, "opacus")
             for method in config.methods:
                 runs = [r for r in mine if r["method"] == method]
                 checks = [r["correctness"] for r in records
                           if r["model"] == model and r["method"] == method and "correctness" in r]
-                rows.append(summary_row(model, precision, method, runs, sgd, config, checks[0] if checks else None))
+                rows.append(summary_row(model, precision, method, runs, sgd, opacus, config,
+                                        checks[0] if checks else None))
     return rows
 
 
+def _throughput_by_repeat(records: Sequence[dict[str, Any]], method: str) -> dict[int, float]:
+    return {r["repeat"]: r["throughput"] for r in records if r["method"] == method and r["status"] == "ok"}
+
+
+def _ratios(ok: Sequence[dict[str, Any]], reference: dict[int, float]) -> list[float]:
+    """Throughput over the reference method's throughput in the same repeat."""
+    return [r["throughput"] / reference[r["repeat"]] for r in ok if r["repeat"] in reference]
+
+
 def summary_row(model: str, precision: str, method: str, runs: list[dict[str, Any]], sgd: dict[int, float],
-                config: RunConfig, correctness: dict[str, Any] | None) -> dict[str, Any]:
-    """The summary of one (model, precision, method) from its runs, sgd's throughput per repeat and the
-    (model, method)'s correctness check (float64, so the same for every precision)."""
+                opacus: dict[int, float], config: RunConfig, correctness: dict[str, Any] | None) -> dict[str, Any]:
+    """The summary of one (model, precision, method) from its runs, sgd's and opacus' throughput per repeat and
+    the (model, method)'s correctness check (float64, so the same for every precision)."""
     ok = [r for r in runs if r["status"] == "ok"]
     throughputs = [r["throughput"] for r in ok]
-    ratios = [r["throughput"] / sgd[r["repeat"]] for r in ok if r["repeat"] in sgd]
-    target = TARGETS.get((config.device, model, config.img_size, config.batch_size, method))
-    ratio = _stats(ratios)
+    key = (config.device, model, config.img_size, config.batch_size, method)
+    target, opacus_target = TARGETS.get(key), OPACUS_TARGETS.get(key)
+    ratio = _stats(_ratios(ok, sgd))
+    vs_opacus = _stats(_ratios(ok, opacus) if method not in ("sgd", "opacus") else [])
     return {
         "model": model, "precision": precision, "method": method,
         "status": "ok" if ok else "failed", "runs": len(ok),
@@ -79,6 +92,7 @@ def summary_row(model: str, precision: str, method: str, runs: list[dict[str, An
         "throughput_median": _stats(throughputs)[0], "throughput_min": _stats(throughputs)[1],
         "throughput_max": _stats(throughputs)[2],
         "ratio_median": ratio[0], "ratio_min": ratio[1], "ratio_max": ratio[2],
+        "opacus_ratio_median": vs_opacus[0], "opacus_ratio_min": vs_opacus[1], "opacus_ratio_max": vs_opacus[2],
         "peak_mem_mib": _stats([r["peak_mem_mib"] for r in ok])[0],
         "max_batch": next((r["max_batch"] for r in runs if "max_batch" in r), None),
         "correctness": None if method == "sgd" else (correctness or {}).get("status", "not run"),
@@ -86,6 +100,8 @@ def summary_row(model: str, precision: str, method: str, runs: list[dict[str, An
         "correctness_error": (correctness or {}).get("error"),
         "target": target,
         "target_met": None if target is None or ratio[0] is None else ratio[0] >= target,
+        "opacus_target": opacus_target,
+        "opacus_target_met": None if opacus_target is None or vs_opacus[0] is None else vs_opacus[0] >= opacus_target,
         "device_name": next((r["device_name"] for r in runs if r.get("device_name")), None),
     }
 
@@ -110,6 +126,8 @@ def table_cells(row: dict[str, Any], config: RunConfig) -> list[str]:
     cells = [row["model"], row["precision"], row["method"], _num(row["throughput_median"], 1),
              "-" if spread is None else f"{spread:.0f}%", _num(row["ratio_median"], 2), ratio_range,
              _num(row["peak_mem_mib"], 0)]
+    if "opacus" in config.methods:
+        cells.append(_num(row["opacus_ratio_median"], 2))
     if config.max_batch:
         cells.append(max_batch_cell(row["max_batch"], config.max_batch_cap))
     cells += [correctness_cell(row), target_cell(row), status_cell(row)]
@@ -119,6 +137,8 @@ def table_cells(row: dict[str, Any], config: RunConfig) -> list[str]:
 def table_header(config: RunConfig) -> list[str]:
     head = ["model", "prec", "method", "ex/s", "spread", "x sgd", "x sgd range",
             "peak MiB (GPU alloc)" if config.device == "cuda" else "peak RSS MiB"]
+    if "opacus" in config.methods:
+        head.append("x opacus")
     if config.max_batch:
         head.append("max batch")
     return head + ["correct", "target", "status"]
@@ -141,10 +161,14 @@ def correctness_cell(row: dict[str, Any]) -> str:
 
 
 def target_cell(row: dict[str, Any]) -> str:
-    if row["target"] is None:
-        return ""
-    verdict = {True: "met", False: "NOT met", None: "NOT met (no ratio)"}[row["target_met"]]
-    return f">={row['target']:.2f} {verdict}"
+    """The issue's targets for this row: ratio to sgd, and to opacus where one is set."""
+    verdicts = {True: "met", False: "NOT met", None: "NOT met (no ratio)"}
+    parts = []
+    if row["target"] is not None:
+        parts.append(f">={row['target']:.2f} {verdicts[row['target_met']]}")
+    if row.get("opacus_target") is not None:
+        parts.append(f">={row['opacus_target']:.1f}x opacus {verdicts[row['opacus_target_met']]}")
+    return "; ".join(parts)
 
 
 def status_cell(row: dict[str, Any], width: int = 48) -> str:
