@@ -73,7 +73,7 @@ def test_ghost_and_instantiated_paths_agree() -> None:
         assert_exact(wide, x)
 
 
-@pytest.mark.parametrize("tokens", [1, 2, SPLIT_MIN_TOKENS - 1, SPLIT_MIN_TOKENS, SPLIT_MIN_TOKENS + 1, 65])
+@pytest.mark.parametrize("tokens", [1, 2, 15, SPLIT_MIN_TOKENS - 1, SPLIT_MIN_TOKENS, SPLIT_MIN_TOKENS + 1])
 def test_ghost_norm_equals_instantiated_norm(tokens: int) -> None:
     """The Gram identity, whole or split into symmetric blocks, against the norm of g_i^T a_i itself."""
     gen = torch.Generator().manual_seed(tokens)
@@ -81,6 +81,13 @@ def test_ghost_norm_equals_instantiated_norm(tokens: int) -> None:
     g = torch.randn(4, tokens, 5, generator=gen, dtype=torch.float64)
     expected = torch.einsum("btp,btd->bpd", g, a).pow(2).sum(dim=(1, 2))
     torch.testing.assert_close(ghost_sq_norm(a, g), expected, rtol=1e-12, atol=0)
+
+
+def test_split_gram_path_is_exact_end_to_end() -> None:
+    """A layer with T > SPLIT_MIN_TOKENS and 2T^2 < p*d (96 x 96) takes the split-Gram ghost path."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 96), nn.Tanh(), nn.Linear(96, 96), nn.Tanh(), nn.Linear(96, 2)).double()
+    assert_exact(model, torch.randn(5, SPLIT_MIN_TOKENS + 1, 4, dtype=torch.float64))
 
 
 def test_scaled_examples_reuse_one_tensor_only_inside_a_scratch_space() -> None:
