@@ -32,12 +32,17 @@ def use_ghost(tokens: int, out_features: int, in_features: int) -> bool:
 SPLIT_MIN_TOKENS = 64
 
 
+def _for_gram(x: Tensor) -> Tensor:
+    """``x`` ready for :func:`cross`: upcast once on the CPU; on CUDA a half-precision GEMM writes float32 itself."""
+    return x if x.is_cuda else x.to(norm_dtype(x.dtype))
+
+
 def cross(x: Tensor, y: Tensor) -> Tensor:
-    """Per-example ``x_i y_i^T`` (B, Tx, Ty) in at least float32; on CUDA a half-precision GEMM writes float32."""
+    """Per-example ``x_i y_i^T`` (B, Tx, Ty) in at least float32, for inputs prepared by :func:`_for_gram`."""
     dtype = norm_dtype(x.dtype)
-    if x.dtype != dtype and x.is_cuda:
+    if x.dtype != dtype:
         return torch.bmm(x, y.transpose(1, 2), out_dtype=dtype)
-    return torch.bmm(x.to(dtype), y.to(dtype).transpose(1, 2))
+    return torch.bmm(x, y.transpose(1, 2))
 
 
 def _dot(x: Tensor, y: Tensor) -> Tensor:
@@ -56,6 +61,7 @@ def ghost_sq_norm(a: Tensor, g: Tensor) -> Tensor:
     if tokens == 1:
         dtype = norm_dtype(g.dtype)
         return a.to(dtype).pow(2).sum(dim=(1, 2)) * g.to(dtype).pow(2).sum(dim=(1, 2))
+    a, g = _for_gram(a), _for_gram(g)
     if tokens < SPLIT_MIN_TOKENS:
         return _dot(cross(a, a), cross(g, g))
     h = (tokens + 1) // 2
