@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--logical-batch", type=int,
         help="expected Poisson logical batch size (default 4 x --batch-size); sample rate = this / 50,000")
     add("--steps", type=int, help="timed physical steps per job (default: per model, from the suite)")
-    add("--warmup", type=int, help="untimed steps before timing (default 1 on cpu, 3 on gpu)")
+    add("--warmup", type=int, help="untimed steps before timing (default 2 on cpu, 3 on gpu)")
     add("--device", choices=["cpu", "cuda"], help="where to run (default: the suite's)")
     add("--precision", nargs="+", choices=PRECISIONS, metavar="PREC",
         help="fp32 (TF32 off), tf32 (TF32 matmuls/convs, cuda only) or bf16 (autocast); several allowed")

@@ -386,8 +386,9 @@ class BKEngine:
 
 
 def _accumulate(p: nn.Parameter, s: Tensor) -> None:
+    """Add ``s`` to ``p.summed_grad`` (which the engine owns: the first sum of a logical batch, then added to in place)."""
     s = s.to(p.dtype).reshape(p.shape)
     if getattr(p, "summed_grad", None) is None:
         p.summed_grad = s
     else:
-        p.summed_grad = p.summed_grad + s
+        p.summed_grad.add_(s)

@@ -11,7 +11,7 @@ from torch import nn
 from opacus_fast.clipping import ClipBound
 from opacus_fast.engine import BKEngine
 from opacus_fast.grad_sample import scale_examples, scratch_space
-from opacus_fast.grad_sample.linear import SPLIT_MIN_TOKENS, ghost_sq_norm
+from opacus_fast.grad_sample.linear import BLOCK_TOKENS, SPLIT_MIN_TOKENS, ghost_sq_norm, split_points
 
 RTOL = 1e-6
 
@@ -73,7 +73,11 @@ def test_ghost_and_instantiated_paths_agree() -> None:
         assert_exact(wide, x)
 
 
-@pytest.mark.parametrize("tokens", [1, 2, 15, SPLIT_MIN_TOKENS - 1, SPLIT_MIN_TOKENS, SPLIT_MIN_TOKENS + 1])
+@pytest.mark.parametrize(
+    "tokens",
+    [1, 2, 15, SPLIT_MIN_TOKENS - 1, SPLIT_MIN_TOKENS, SPLIT_MIN_TOKENS + 1,
+     SPLIT_MIN_TOKENS + BLOCK_TOKENS - 1, SPLIT_MIN_TOKENS + BLOCK_TOKENS, 3 * SPLIT_MIN_TOKENS + 5],
+)
 def test_ghost_norm_equals_instantiated_norm(tokens: int) -> None:
     """The Gram identity, whole or split into symmetric blocks, against the norm of g_i^T a_i itself."""
     gen = torch.Generator().manual_seed(tokens)
@@ -81,6 +85,16 @@ def test_ghost_norm_equals_instantiated_norm(tokens: int) -> None:
     g = torch.randn(4, tokens, 5, generator=gen, dtype=torch.float64)
     expected = torch.einsum("btp,btd->bpd", g, a).pow(2).sum(dim=(1, 2))
     torch.testing.assert_close(ghost_sq_norm(a, g), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("tokens", range(SPLIT_MIN_TOKENS, SPLIT_MIN_TOKENS + 3 * BLOCK_TOKENS))
+def test_split_points_cover_every_token_once_in_aligned_blocks(tokens: int) -> None:
+    points = split_points(tokens)
+    assert points[0] == 0 and points[-1] == tokens and points == sorted(set(points))
+    strip = tokens % BLOCK_TOKENS
+    assert points[1] == strip if strip else points[1] % BLOCK_TOKENS == 0
+    assert all((p - strip) % BLOCK_TOKENS == 0 for p in points[1:])
+    assert len(points) == (4 if strip else 3)
 
 
 def test_split_gram_path_is_exact_end_to_end() -> None:

@@ -65,16 +65,17 @@ class RunConfig:
 
 
 SUITES: dict[str, RunConfig] = {
-    # The default: 2 CPU threads, CIFAR-shaped data, physical batch 64; steps sized to finish in
-    # about 8 minutes on an idle 2-core machine (vit_tiny sgd ~1 s per step, Opacus ~3.5 s; ~10 s per
-    # worker start).
+    # The default: 2 CPU threads, CIFAR-shaped data, physical batch 64. Two warm-up steps, to time the
+    # steady state: on vit_tiny the second step was still -2 to +5 % off the later ones for fast-bk (four
+    # processes), 0-1 % for sgd and Opacus. 8 ViT steps narrow the spread (sgd ~1 s per step, Opacus ~3 s,
+    # ~10 s per worker start).
     "cpu": RunConfig(
         suite="cpu",
         models=[VIT_TINY_32, "resnet18"],
         methods=list(METHODS),
         precisions=["fp32"],
-        steps={VIT_TINY_32: 5, "resnet18": 40},
-        warmup=1,
+        steps={VIT_TINY_32: 8, "resnet18": 40},
+        warmup=2,
         repeat=3,
     ),
     # What --check runs (see baseline.json): the two models, sgd and fast-bk only, a smaller batch;

@@ -7,7 +7,8 @@ the loss with respect to the layer's output, the rule answers:
 
 * ``input_grad``: the gradient with respect to ``x`` (so autograd never computes weight gradients);
 * ``norms``: per-example squared gradient norms of the requested parameters (ghost or instantiated);
-* ``clipped_sum``: ``sum_i factor_i * G_i`` for each requested parameter;
+* ``clipped_sum``: ``sum_i factor_i * G_i`` for each requested parameter, as fresh tensors (the engine keeps them and
+  adds later physical batches to them in place);
 * ``per_sample``: the per-example gradients themselves (used when a parameter has several uses in one pass).
 """
 
