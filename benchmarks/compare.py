@@ -50,7 +50,8 @@ non-private SGD on the same model and the same data:
 Fairness: every method sees Poisson logical batches (expected size --logical-batch) from
 opacus_fast.data.DPDataLoader, cut into physical batches of exactly --batch-size rows (the last padded),
 so every step has the same shape. sgd and the Opacus methods iterate the same seeded loader (Opacus with
-poisson_sampling=False: it cannot mask padding, so for it this times identical work, not a private run);
+poisson_sampling=False: it cannot mask padding, so for it this times identical work, not a private run;
+like Opacus' BatchMemoryManager, it steps and adds noise only at each logical batch's last physical batch);
 fast-bk uses the loader make_private_fast returns. Images are synthetic (CIFAR-shaped by default) and sit
 on the device, so data loading costs nothing. Throughput counts every physical row, padded or not, after
 --warmup steps, between device synchronisations. Each job runs in its own process; methods are rotated

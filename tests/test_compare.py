@@ -7,6 +7,7 @@ job loop. Worker processes and timm models are not started here (too slow for CI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -125,6 +126,25 @@ def test_correctness_check_passes_for_dp_methods(method):
     result = correctness(method, tiny_mlp(), images, num_classes=4)
     assert result["status"] == "pass", result
     assert result["rel_err"] < 1e-10
+
+
+@pytest.mark.parametrize("method", ["opacus", "opacus-ghost"])
+def test_opacus_steps_once_per_logical_batch_like_fast_bk(method):
+    """Opacus gets BatchMemoryManager's skip signals: parameters move (noise, step) only at a logical batch's end."""
+    from _bench.methods import IndexDataset, make_trainer, train_step
+
+    bank = torch.randn(16, 3, 3, 3)
+    trainer = make_trainer(method, tiny_mlp().float(), IndexDataset(64, 4), logical=16, physical=4,
+                           noise_multiplier=1.0, max_grad_norm=1.0, lr=1.0, seed=0)
+    context = trainer.loader.context
+    moved, last = [], []
+    for _, batch in zip(range(12), trainer.loader):
+        is_last = context.current.is_last
+        before = [p.detach().clone() for p in trainer.params]
+        train_step(trainer, batch, bank, contextlib.nullcontext())
+        moved.append(any(not torch.equal(b, p) for b, p in zip(before, trainer.params)))
+        last.append(is_last)
+    assert moved == last and sum(last) >= 1 and not all(last)
 
 
 def test_correctness_check_can_fail():

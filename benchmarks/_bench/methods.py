@@ -7,7 +7,9 @@ timings measure the model. Every method draws its physical batches from ``opacus
 - ``sgd``: plain ``torch.optim.SGD`` on the same (ModuleValidator-fixed) model and the same batches;
 - ``opacus`` / ``opacus-ghost``: ``opacus.PrivacyEngine.make_private`` (hooks / ghost with its criterion),
   given that loader with ``poisson_sampling=False`` (it already samples); Opacus has no padding masks,
-  so for these two the padded rows count as examples: identical work, not a private run;
+  so for these two the padded rows count as examples: identical work, not a private run. As with Opacus'
+  ``BatchMemoryManager``, the optimizer is told to skip every physical step but a logical batch's last, so
+  Opacus also adds noise once per logical batch;
 - ``fast-bk``: ``opacus_fast.PrivacyEngine().make_private_fast`` with the plain loader, Poisson sampling,
   ``max_physical_batch_size=physical`` and padding: its own DPDataLoader, masks included.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -46,6 +49,8 @@ class Trainer:
     criterion: Callable[..., torch.Tensor]
     loader: Any
     params: list[torch.Tensor]
+    #: called just before ``optimizer.step()`` (Opacus: signal a skipped step inside a logical batch)
+    before_step: Callable[[], None] | None = None
 
 
 def create_model(spec: str, img_size: int, num_classes: int) -> nn.Module:
@@ -114,6 +119,7 @@ def make_trainer(
         from opacus import PrivacyEngine
 
         loader = poisson_loader(dataset, logical=logical, physical=physical, seed=seed)
+        context = loader.context
         out = PrivacyEngine().make_private(
             module=model,
             optimizer=optimizer,
@@ -128,7 +134,7 @@ def make_trainer(
             model, optimizer, criterion, loader = out
         else:
             model, optimizer, loader = out
-        return Trainer(model, optimizer, criterion, loader, params)
+        return Trainer(model, optimizer, criterion, loader, params, partial(_skip_inside_logical, optimizer, context))
     if method == "fast-bk":
         from opacus_fast import PrivacyEngine as FastPrivacyEngine
 
@@ -146,6 +152,12 @@ def make_trainer(
         )
         return Trainer(model, optimizer, criterion, loader, params)
     raise ValueError(f"unknown method {method!r}")
+
+
+def _skip_inside_logical(optimizer: Any, context: Any) -> None:
+    """What Opacus' ``BatchMemoryManager`` does: only a logical batch's last physical step adds noise and steps."""
+    info = context.current
+    optimizer.signal_skip_step(do_skip=info is not None and not info.is_last)
 
 
 def endless(loader: Any) -> Iterator[Sequence[torch.Tensor]]:
@@ -169,4 +181,6 @@ def train_step(trainer: Trainer, batch: Sequence[torch.Tensor], bank: torch.Tens
     with autocast:
         loss = trainer.criterion(trainer.model(x), y)
     loss.backward()
+    if trainer.before_step is not None:
+        trainer.before_step()
     trainer.optimizer.step()

@@ -22,7 +22,8 @@ NOTES = [
     (
         "sgd, opacus and opacus-ghost iterate a DPDataLoader seeded like the one make_private_fast returns to "
         "fast-bk, so all see the same batches (jobs' data_fingerprint in the JSON). Opacus gets it with "
-        "poisson_sampling=False and has no padding masks: for it this times identical work, not a private run."
+        "poisson_sampling=False and has no padding masks: for it this times identical work, not a private run. "
+        "As with Opacus' BatchMemoryManager, it steps and adds noise once per logical batch, like fast-bk."
     ),
     (
         "Each job (method x model x precision x repeat) runs in its own spawned process; methods are rotated "
