@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # run from a checkout: use its opacus_fast
 
 from _bench.config import METHODS, PRECISIONS, SUITES, RunConfig, parse_model_spec, plan_jobs, with_overrides
+from _bench.paths import portable_command
 from _bench.report import (
     check_results,
     failure_lines,
@@ -189,7 +190,7 @@ def environment(config: RunConfig, argv: Sequence[str], started: datetime) -> di
 
     return {
         "started_utc": f"{started:%Y-%m-%d %H:%M:%S}",
-        "command": "python benchmarks/compare.py " + " ".join(argv),
+        "command": portable_command(list(argv)),
         "device": config.device, "cpu_count": os.cpu_count(), "threads_per_worker": config.threads or "default",
         "keep_cpu_memory": "all methods" if config.keep_cpu_memory_all else "fast-bk (make_private_fast default)",
         "python": platform.python_version(), "torch": torch.__version__, "opacus": opacus.__version__,

@@ -147,6 +147,24 @@ def test_opacus_steps_once_per_logical_batch_like_fast_bk(method):
     assert moved == last and sum(last) >= 1 and not all(last)
 
 
+def test_written_results_hold_no_machine_paths():
+    """Tracebacks and the command line in results name files by repository or package path only."""
+    import traceback
+
+    from _bench.paths import portable_command, portable_traceback
+
+    try:
+        nn.Linear(2, 3)(torch.zeros(1, 5))  # raises inside torch's installed package, called from this repository
+    except RuntimeError:
+        text = portable_traceback(traceback.format_exc())
+    files = [line.split('"')[1] for line in text.splitlines() if line.strip().startswith("File ")]
+    assert "tests/test_compare.py" in files and any(f.startswith(".../torch/nn/") for f in files)
+    assert not any(f.startswith("/") for f in files)
+    outside = str(Path("/") / "elsewhere" / "out" / "run")
+    assert portable_command(["--out", outside, "--check", "benchmarks/baseline.json"]) == (
+        "python benchmarks/compare.py --out .../run --check benchmarks/baseline.json")
+
+
 def test_correctness_check_can_fail():
     """sgd does not clip: with C = the median norm its update must be flagged."""
     images = torch.randn(8, 3, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))

@@ -25,6 +25,7 @@ from torch import nn
 
 from .config import Job, RunConfig
 from .methods import IndexDataset, create_model, endless, image_bank, make_trainer, train_step
+from .paths import portable_traceback
 
 BANK_SIZE = 256
 CHECK_TOLERANCE = 1e-6  # relative error allowed in float64; exact methods land near 1e-12
@@ -47,7 +48,7 @@ def run_job(job: Job) -> dict[str, Any]:
                 record["max_batch"] = search_max_batch(
                     lambda b: fits(job, b), start=config.batch_size, cap=config.max_batch_cap)
         except Exception as err:  # noqa: BLE001 - a failing method is a result to report, not a harness crash
-            record.update(status="failed", error=error_text(err), traceback=traceback.format_exc(limit=8))
+            record.update(status="failed", error=error_text(err), traceback=portable_traceback(traceback.format_exc(limit=8)))
     record["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in caught})[:10]
     return record
 
