@@ -83,9 +83,7 @@ def ghost_sq_norm(a: Tensor, g: Tensor) -> Tensor:
         dtype = norm_dtype(g.dtype)
         return a.to(dtype).pow(2).sum(dim=(1, 2)) * g.to(dtype).pow(2).sum(dim=(1, 2))
     a, g = _for_gram(a), _for_gram(g)
-    if tokens < SPLIT_MIN_TOKENS:
-        return _dot(cross(a, a), cross(g, g))
-    points = split_points(tokens)
+    points = split_points(tokens) if tokens >= SPLIT_MIN_TOKENS else [0, tokens]
     return sum(_upper_dot(a, g, start, stop) for start, stop in pairwise(points))
 
 
