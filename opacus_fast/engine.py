@@ -37,7 +37,6 @@ class Site:
     method: str
     params: dict[str, nn.Parameter]
     rule: LayerRule | None = None
-    saved_attr: Any = None
 
 
 @dataclass(eq=False)
@@ -73,10 +72,11 @@ class _LayerCapture(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         saved = ctx.saved_tensors
         site = ctx.site
-        if site.rule.eager and g.shape[0] > 0:  # tiny parameters: per-example grads now, while x and g are hot
-            ctx.engine.record(Record(site, per_sample=site.rule.per_sample(site.module, saved, g, site.params)))
-        else:
-            ctx.engine.record(Record(site, saved=saved, g=g))
+        if ctx.engine.computes_param_grads():
+            if site.rule.eager and g.shape[0] > 0:  # tiny parameters: per-example grads now, while x and g are hot
+                ctx.engine.record(Record(site, per_sample=site.rule.per_sample(site.module, saved, g, site.params)))
+            else:
+                ctx.engine.record(Record(site, saved=saved, g=g))
         grad_x = None
         if ctx.needs_input_grad[2]:
             dev, enabled, dtype = ctx.amp
@@ -101,12 +101,15 @@ class _UnitCapture(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         out, leaves, copies = ctx.graph
         del ctx.graph
+        if not ctx.engine.computes_param_grads():
+            copies = []
         wanted = [x for x in leaves if x.requires_grad] + copies
-        grads = list(torch.autograd.grad(out, wanted, g, allow_unused=True))
-        per_sample = {}
-        for name, p, grad in zip(ctx.site.params, copies, grads[len(grads) - len(copies):]):
-            per_sample[name] = torch.zeros_like(p) if grad is None else grad
-        ctx.engine.record(Record(ctx.site, per_sample=per_sample))
+        grads = list(torch.autograd.grad(out, wanted, g, allow_unused=True)) if wanted else []
+        if copies:
+            per_sample = {}
+            for name, p, grad in zip(ctx.site.params, copies, grads[len(grads) - len(copies):]):
+                per_sample[name] = torch.zeros_like(p) if grad is None else grad
+            ctx.engine.record(Record(ctx.site, per_sample=per_sample))
         input_grads = iter(grads)
         grad_inputs = tuple(next(input_grads) if x.requires_grad else None for x in leaves)
         return (None, None, None, None) + grad_inputs + (None,)
@@ -159,6 +162,13 @@ def plan_sites(model: nn.Module) -> list[Site]:
             "(p.requires_grad_(False)), move them into a small submodule of their own, or register the method that "
             "uses them with opacus_fast.grad_sample.register_unit"
         )
+    for site in sites:
+        if site.method in vars(site.module):
+            problems.append(
+                f"{_describe(site.module_name, site.module)} has its own '{site.method}' set on the instance (by "
+                "accelerate's hooks, a monkeypatch, or a make_private_fast without cleanup()), which the capture "
+                "would bypass; remove it before make_private_fast, or put it on a wrapper module around this one"
+            )
     if problems:
         raise UnsupportedModuleError("opacus_fast cannot clip this model exactly:\n- " + "\n- ".join(problems))
     return sites
@@ -189,18 +199,23 @@ class BKEngine:
         self.bound = bound
         self._records: list[Record] = []
         self._task: int | None = None
-        self._last_info: Any = None
+        #: dim 0 of the model's first input in its latest forward (set by the model wrapper; None if unknown)
+        self.input_batch: int | None = None
         self._handles: list[Any] = []
         #: a scalar leaf that requires grad: passed to every capture so that its output requires grad even when
         #: its input does not, while the parameters themselves stay out of the autograd graph
         self.anchor = torch.zeros((), requires_grad=True)
+        #: the anchor's gradient accumulator: a backward that will not run it computes gradients of chosen inputs
+        #: only (torch.autograd.grad(loss, x)), not the parameters' (held here so that it stays the same node)
+        self._anchor_node = self.anchor.view_as(self.anchor).grad_fn.next_functions[0][0]
         self._attach()
+        if context is not None:
+            context.trains = True
 
     # ---- attaching -------------------------------------------------------------------------------------------
     def _attach(self) -> None:
         self._captured = frozenset(id(p) for site in self.sites for p in site.params.values())
         for site in self.sites:
-            site.saved_attr = site.module.__dict__.get(site.method)
             setattr(site.module, site.method, self._make_call(site))
         owners = {id(p): f"{s.module_name}.{n}" if s.module_name else n for s in self.sites for n, p in s.params.items()}
         for site in self.sites:
@@ -215,14 +230,13 @@ class BKEngine:
     def detach(self) -> None:
         """Restore the model exactly as it was (methods and hooks)."""
         for site in self.sites:
-            if site.saved_attr is None:
-                site.module.__dict__.pop(site.method, None)
-            else:
-                setattr(site.module, site.method, site.saved_attr)
+            site.module.__dict__.pop(site.method, None)
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self.sites = []
+        if self.context is not None:
+            self.context.trains = False
 
     def _make_call(self, site: Site) -> Callable:
         engine = self
@@ -232,6 +246,7 @@ class BKEngine:
             def call(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
                 if args or kwargs:
                     raise TypeError(f"{site.module_name}: opacus_fast captures single-input calls of this layer only")
+                engine.forget_failed_backward()
                 return _LayerCapture.apply(engine, site, rule.prepare(site.module, x), engine.anchor)
 
             return call
@@ -245,6 +260,7 @@ class BKEngine:
             for k, v in kwargs.items():
                 if isinstance(v, Tensor) and v.requires_grad:
                     raise TypeError(f"{site.module_name}.{site.method}: keyword input '{k}' requires grad")
+            engine.forget_failed_backward()
             versions = [x._version for x in inputs]
             out = _UnitCapture.apply(engine, site, kwargs, len(inputs), *inputs, engine.anchor)
             if [x._version for x in inputs] != versions:
@@ -268,10 +284,29 @@ class BKEngine:
         return hook
 
     # ---- backward ------------------------------------------------------------------------------------------
+    def computes_param_grads(self) -> bool:
+        """Whether the running backward computes parameter gradients (``loss.backward()``), as opposed to the
+        gradients of chosen inputs only (``torch.autograd.grad(loss, x)``, e.g. for adversarial examples), which
+        must add nothing to the clipped sums."""
+        return torch._C._will_engine_execute_node(self._anchor_node)
+
+    def forget_failed_backward(self) -> None:
+        """Called outside any backward (from a capture's forward): drop what a backward that raised left behind."""
+        if self._task is not None and torch._C._current_graph_task_id() == -1:
+            self._task, self._records = None, []
+
     def record(self, rec: Record) -> None:
         """Called from captures during backward; schedules :meth:`finish` once per backward pass."""
         task = torch._C._current_graph_task_id()
         if task != self._task:
+            if self._task is not None:
+                self._task, self._records = None, []
+                raise UnsupportedModuleError(
+                    "a backward pass ran inside another one (reentrant activation checkpointing, "
+                    "torch.utils.checkpoint(..., use_reentrant=True), or backward() called from a backward hook): "
+                    "each example's gradient would be clipped in separate parts. Use "
+                    "torch.utils.checkpoint(..., use_reentrant=False)"
+                )
             self._task = task
             self._records = []
             torch.autograd.Variable._execution_engine.queue_callback(self.finish)
@@ -290,12 +325,11 @@ class BKEngine:
         info = self.context.current if self.context is not None else None
         if info is None:
             return None
-        if info is self._last_info:
+        if info is self.context.trained:
             raise RuntimeError(
                 "backward() ran twice on the same physical batch: each example's gradient must come from one "
                 "backward pass to be clipped correctly. Add the losses together and call backward() once"
             )
-        self._last_info = info
         if info.index == 0 and any(getattr(p, "summed_grad", None) is not None
                                    for site in self.sites for p in site.params.values()):
             raise RuntimeError(
@@ -303,10 +337,10 @@ class BKEngine:
                 "loop left a logical batch before its last physical batch was stepped). Call optimizer.zero_grad() "
                 "at the start of each iteration (it discards them), or optimizer.step() after every physical batch"
             )
-        if info.mask is None:
-            return None
-        if info.mask.shape[0] != batch:
-            raise RuntimeError(f"the batch mask has {info.mask.shape[0]} rows but the model saw {batch} examples")
+        self.context.mark_trained(info)
+        rows = info.num_real if info.mask is None else info.mask.shape[0]
+        if rows != batch:
+            raise _batch_mismatch("the physical batch", rows, batch)
         return info.mask
 
     def finish(self) -> None:
@@ -322,15 +356,17 @@ class BKEngine:
                     f"{rec.site.module_name}: saw {rec.batch} examples but other layers saw {batch}; opacus_fast "
                     "needs the batch as dim 0 of every layer input (batch_first=True)"
                 )
+        if self.input_batch is not None and batch != self.input_batch:
+            raise _batch_mismatch("the model's input", self.input_batch, batch)
         mask = self._mask(batch)
         if batch == 0:  # an empty (unpadded) logical batch: nothing to clip; the step is noise only
             return
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
 
-        uses: dict[nn.Parameter, int] = defaultdict(int)
+        uses: dict[nn.Parameter, int] = defaultdict(int)  # frozen since attaching: 0, so neither clipped nor summed
         for rec in records:
             for p in rec.site.params.values():
-                uses[p] += 1
+                uses[p] += p.requires_grad
         sq: dict[nn.Parameter, Tensor] = {}
         multi: dict[nn.Parameter, Tensor] = {}
         caches: list[Any] = []
@@ -383,6 +419,14 @@ class BKEngine:
             shared = factor(total, self.bound.flat)
             return {p: shared for p in sq}
         return {p: factor(v, self.bound.per_param[p]) for p, v in sq.items()}
+
+
+def _batch_mismatch(source: str, rows: int, batch: int) -> RuntimeError:
+    return RuntimeError(
+        f"{source} has {rows} rows but the model's layers saw {batch}: every layer input must have the batch as "
+        "dim 0 (batch_first=True). A model that folds tokens or time steps into dim 0 (e.g. x.reshape(-1, d)) or "
+        "takes sequence-first inputs cannot be clipped per example"
+    )
 
 
 def _accumulate(p: nn.Parameter, s: Tensor) -> None:

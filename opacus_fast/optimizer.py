@@ -15,8 +15,8 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _generate_noise
 from torch.optim import Optimizer
 
-from .clipping import ClipBound
-from .data.context import BatchContext
+from .clipping import ClipBound, has_pending_sums
+from .data.context import BatchContext, PhysicalBatchInfo
 
 
 class FastDPOptimizer(DPOptimizer):
@@ -27,7 +27,8 @@ class FastDPOptimizer(DPOptimizer):
         noise_multiplier: σ; the noise std is σ·C with C the (flat or L2-combined per-layer) clip bound.
         bound: the clip bound shared with the engine; ``max_grad_norm`` reads and sets it.
         expected_batch_size: the divisor of the noisy sum when ``loss_reduction="mean"`` (N·q for Poisson).
-        context: where the data loader says whether the current physical batch ends its logical batch.
+        context: where the data loader publishes the current physical batch and the engine records the one
+            trained last (whose logical batch decides whether a step ends it).
     """
 
     def __init__(
@@ -76,12 +77,21 @@ class FastDPOptimizer(DPOptimizer):
     def clip_and_accumulate(self) -> None:
         """Nothing to do: the engine clipped and accumulated during backward."""
 
+    def _infos(self) -> tuple[PhysicalBatchInfo | None, PhysicalBatchInfo | None]:
+        """The physical batch trained last and the one handed to the loop now (None, None without a context)."""
+        if self.context is None:
+            return None, None
+        return self.context.trained, self.context.current
+
     def _logical_batch_continues(self) -> bool:
-        skip = self._check_skip_next_step()
-        info = self.context.current if self.context is not None else None
-        return skip or (info is not None and not info.is_last)
+        """Whether this step is not the end of a logical batch: Opacus' skip signal, or the pending sums belong to a
+        physical batch that is not the last of its logical batch (also after the loop was left, e.g. by break)."""
+        signalled = self._check_skip_next_step()
+        trained, _ = self._infos()
+        return signalled or (trained is not None and not trained.is_last)
 
     def pre_step(self, closure: Callable[[], float] | None = None) -> bool:
+        """At the end of a logical batch: noise, scaling and the accountant hook (True); before it, nothing."""
         if self._logical_batch_continues():
             self._is_last_step_skipped = True
             return False
@@ -95,18 +105,25 @@ class FastDPOptimizer(DPOptimizer):
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Clear gradients; partial sums are kept between physical batches of one logical batch.
 
-        At the first physical batch of a logical batch, partial sums still pending belong to a logical batch the
-        loop abandoned before its end: they were never released, so they are discarded (with a warning) rather
-        than added to this batch, where an example drawn twice would count twice.
+        Partial sums still pending when the loop has moved past their logical batch (left before its last physical
+        batch, then a new batch or the end of the loop) were never released, so they are discarded (with a
+        warning) rather than added to another batch, where an example drawn twice would count twice. Without any
+        trained physical batch from the loader (a plain loader, Opacus' BatchMemoryManager), Opacus' rule applies.
         """
-        info = self.context.current if self.context is not None else None
-        if info is not None and info.index == 0 and self._is_last_step_skipped:
+        trained, current = self._infos()
+        if abandoned(trained, current) and has_pending_sums(self.params):
             warnings.warn(
                 "discarding the clipped gradients of a logical batch that was left before its last physical batch",
                 stacklevel=2,
             )
-            self._is_last_step_skipped = False
-        super().zero_grad(set_to_none)
+            for p in self.params:
+                p.summed_grad = None
+        if not continues(trained, current):
+            super().zero_grad(set_to_none)
+            return
+        for p in self.params:
+            p.grad_sample = None
+        self.original_optimizer.zero_grad(set_to_none)
 
     def add_noise(self) -> None:
         """``p.grad = summed clipped grads + N(0, σ²C²)``, drawn once per parameter per logical batch."""
@@ -149,3 +166,16 @@ class FastDPOptimizer(DPOptimizer):
         self._is_last_step_skipped = False
         self._step_skip_queue.clear()
 
+
+def continues(trained: PhysicalBatchInfo | None, current: PhysicalBatchInfo | None) -> bool:
+    """Whether ``current`` belongs to the unfinished logical batch of ``trained`` (whose sums are pending): it is
+    ``trained`` itself or a later physical batch of the same logical batch."""
+    if trained is None or trained.is_last or current is None:
+        return False
+    return current is trained or (current.step == trained.step and current.index > trained.index)
+
+
+def abandoned(trained: PhysicalBatchInfo | None, current: PhysicalBatchInfo | None) -> bool:
+    """Whether the loop left the logical batch of ``trained`` before its last physical batch: ``current`` is
+    None (the loop ended) or a batch of another logical batch."""
+    return trained is not None and not trained.is_last and not continues(trained, current)

@@ -31,6 +31,9 @@ class BKGradSampleModule(nn.Module):
         self.__dict__["_engine"] = engine
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():  # a forward that backward may follow (not an evaluation under no_grad)
+            first = args[0] if args else None
+            self._engine.input_batch = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 0 else None
         return self._module(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -79,6 +82,13 @@ def _check_options(
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     if any(id(p) not in model_params for p in params):
         raise ValueError("the optimizer holds parameters that are not the module's parameters")
+    missing = _trainable_outside(module, params)
+    if missing:
+        raise ValueError(
+            f"the module's trainable parameter(s) {missing} are not in the optimizer: they would be clipped but never "
+            "noised nor updated. Add them to the optimizer, or freeze them "
+            "(p.requires_grad_(False)), before make_private_fast"
+        )
     if clipping == "per_layer":
         if isinstance(max_grad_norm, (int, float)) or len(max_grad_norm) != len(params):
             raise ValueError(
@@ -93,6 +103,12 @@ def _check_options(
     if any(not (b > 0) for b in bounds):
         raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
     return params
+
+
+def _trainable_outside(module: nn.Module, params: Sequence[nn.Parameter]) -> list[str]:
+    """Names of ``module``'s trainable parameters that are not among ``params`` (the optimizer's)."""
+    held = {id(p) for p in params}
+    return [name for name, p in module.named_parameters() if p.requires_grad and id(p) not in held]
 
 
 def _noise_generator(generator: torch.Generator | None, params: Sequence[nn.Parameter]) -> torch.Generator | None:

@@ -1,0 +1,207 @@
+"""The engine refuses what it cannot clip exactly, and adds nothing it was not asked for.
+
+Each case once passed silently with a wrong clipped sum: layers that see tokens as examples, reentrant
+checkpointing, input-gradient passes, instance-level ``forward`` overrides, parameters frozen after attaching.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import mlp
+from oracle import l1_loss, loop_clipped_sum, median_bound
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from opacus_fast import PrivacyEngine, UnsupportedModuleError
+from opacus_fast.clipping import ClipBound
+from opacus_fast.data import DPDataLoader
+from opacus_fast.engine import BKEngine
+
+
+class TokenFolding(nn.Module):
+    """Folds tokens into dim 0 before its layers: (B, T, d) → (B·T, d). Not batch first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        return self.fc(x.reshape(b * t, d)).reshape(b, t, 2).sum(1)
+
+
+class SequenceFirst(nn.Module):
+    """Reads batch-first data but runs its layer sequence-first: (B, T, d) → (T, B, d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.transpose(0, 1)).sum(0)
+
+
+class Checkpointed(nn.Module):
+    """An MLP whose hidden block runs under activation checkpointing."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.reentrant = reentrant
+        self.fc1, self.fc2, self.fc3 = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def block(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc2(torch.tanh(h)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = checkpoint(self.block, self.fc1(x), use_reentrant=self.reentrant)
+        return self.fc3(h)
+
+
+def _tokens(n: int = 12, t: int = 3) -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    return TensorDataset(torch.randn(n, t, 4, generator=g, dtype=torch.float64))
+
+
+def _private(model: nn.Module, data: TensorDataset, **options):
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    return PrivacyEngine().make_private_fast(module=model, optimizer=optimizer, data_loader=DataLoader(data, 4),
+                                             noise_multiplier=0.0, max_grad_norm=1.0, **options)
+
+
+@pytest.mark.parametrize("poisson", [True, False])
+def test_layers_that_fold_tokens_into_the_batch_are_refused(poisson: bool) -> None:
+    """Clipping token rows as examples would let one example contribute up to T·C."""
+    torch.manual_seed(0)
+    pmodel, optimizer, loader = _private(TokenFolding().double(), _tokens(), poisson_sampling=poisson)
+    with pytest.raises(RuntimeError, match="folds tokens or time steps into dim 0"):
+        for (x,) in loader:
+            optimizer.zero_grad()
+            pmodel(x).sum().backward()
+            optimizer.step()
+    assert all(getattr(p, "summed_grad", None) is None for p in pmodel.parameters())
+
+
+def test_evaluation_forward_between_forward_and_backward_is_fine() -> None:
+    """Metrics on another batch under no_grad between the training forward and its backward change nothing."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    reference = mlp().double()
+    reference.load_state_dict(model.state_dict())
+    pmodel, _, _ = _private(model, TensorDataset(torch.randn(8, 7, dtype=torch.float64)), loss_reduction="sum")
+    x = torch.randn(5, 7, dtype=torch.float64)
+    loss = l1_loss(pmodel(x), "sum")
+    with torch.no_grad():
+        pmodel(torch.randn(3, 7, dtype=torch.float64))
+    loss.backward()
+    want = loop_clipped_sum(reference, x, 1.0)
+    for (name, _), p in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.summed_grad, want[name], rtol=1e-9, atol=1e-12)
+
+
+def test_layer_batch_is_checked_against_the_physical_batch() -> None:
+    """Without the model wrapper (engine attached directly), the loader's row count still exposes a
+    sequence-first layer."""
+    torch.manual_seed(0)
+    model = SequenceFirst().double()
+    loader = DPDataLoader.from_data_loader(DataLoader(_tokens(n=40, t=3), 4), sample_rate=0.2)
+    engine = BKEngine(model, bound=ClipBound(1.0), loss_reduction="sum", context=loader.context)
+    with pytest.raises(RuntimeError, match="the physical batch has .* rows but the model's layers saw 3"):
+        for (x,) in loader:
+            if len(x) != 3:
+                model(x).sum().backward()
+    engine.detach()
+
+
+def test_reentrant_checkpointing_is_refused_and_the_engine_recovers() -> None:
+    """A backward inside the backward would clip each example's gradient in two separate parts."""
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant=True).double()
+    engine = BKEngine(model, bound=ClipBound(1.0), loss_reduction="sum")
+    x = torch.randn(6, 5, dtype=torch.float64)
+    with pytest.raises(UnsupportedModuleError, match="use_reentrant=False"):
+        l1_loss(model(x), "sum").backward()
+    model.reentrant = False  # the failed backward left nothing behind: the next one is exact
+    for p in model.parameters():
+        p.summed_grad = None
+    l1_loss(model(x), "sum").backward()
+    engine.detach()
+    got = {n: p.summed_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.summed_grad = None
+    want = loop_clipped_sum(model, x, 1.0)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-12)
+
+
+def test_non_reentrant_checkpointing_is_exact() -> None:
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant=False).double()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in torch.autograd.grad(
+        l1_loss(model(x[i:i + 1]), "sum"), list(model.parameters())))) for i in range(7)])
+    bound = median_bound(norms)
+    want = loop_clipped_sum(model, x, bound)
+    engine = BKEngine(model, bound=ClipBound(bound), loss_reduction="sum")
+    l1_loss(model(x), "sum").backward()
+    engine.detach()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.summed_grad, want[name], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("poisson", [True, False])
+def test_input_gradient_passes_add_nothing(poisson: bool) -> None:
+    """An adversarial-example loop: autograd.grad(loss, x) computes no clipped sums; the training backward on the
+    perturbed batch is exact."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    g = torch.Generator().manual_seed(2)
+    data = TensorDataset(torch.randn(32, 7, generator=g, dtype=torch.float64))
+    pmodel, optimizer, loader = _private(model, data, poisson_sampling=poisson, loss_reduction="sum")
+    checked = 0
+    for (x,) in loader:
+        reference = mlp().double()
+        reference.load_state_dict(model.state_dict())
+        optimizer.zero_grad()
+        x = x.clone().requires_grad_(True)
+        (grad_x,) = torch.autograd.grad(l1_loss(pmodel(x), "sum"), x)
+        assert all(getattr(p, "summed_grad", None) is None for p in model.parameters())
+        x_adv = (x + 0.1 * grad_x.sign()).detach()
+        l1_loss(pmodel(x_adv), "sum").backward()
+        if len(x) >= 2:
+            want = loop_clipped_sum(reference, x_adv, 1.0)
+            for (name, _), p in zip(reference.named_parameters(), model.parameters()):
+                torch.testing.assert_close(p.summed_grad, want[name], rtol=1e-9, atol=1e-12)
+            checked += 1
+        optimizer.step()
+    assert checked >= 2
+
+
+def test_instance_level_forward_override_is_refused() -> None:
+    """accelerate's hooks and monkeypatches set ``forward`` on the instance; the capture would bypass them."""
+    model = mlp().double()
+    original = model[0].forward
+    model[0].forward = lambda x: original(x) * 2
+    with pytest.raises(UnsupportedModuleError, match="'0' \\(Linear\\) has its own 'forward' set on the instance"):
+        _private(model, TensorDataset(torch.randn(8, 7, dtype=torch.float64)))
+    assert model[0].__dict__["forward"] is not original  # the user's override is still there, nothing attached
+    assert all("forward" not in m.__dict__ for m in (model, model[2]))
+
+
+def test_parameter_frozen_after_attaching_is_neither_clipped_nor_updated() -> None:
+    torch.manual_seed(0)
+    model = mlp().double()
+    reference = mlp().double()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(6, 7, dtype=torch.float64)
+    engine = BKEngine(model, bound=ClipBound(0.5), loss_reduction="sum")
+    model[0].weight.requires_grad_(False)
+    reference[0].weight.requires_grad_(False)
+    l1_loss(model(x), "sum").backward()
+    engine.detach()
+    want = loop_clipped_sum(reference, x, 0.5)
+    assert getattr(model[0].weight, "summed_grad", None) is None
+    for name, p in model.named_parameters():
+        if name != "0.weight":
+            torch.testing.assert_close(p.summed_grad, want[name], rtol=1e-9, atol=1e-12)
