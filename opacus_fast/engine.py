@@ -128,7 +128,9 @@ def plan_sites(model: nn.Module) -> list[Site]:
             problems.append(
                 f"{_describe(name, module)} mixes examples within a batch (batch statistics), so per-example "
                 "gradients do not exist; replace it, e.g. with opacus.validators.ModuleValidator.fix(model) "
-                "(BatchNorm → GroupNorm)"
+                "(BatchNorm → GroupNorm)" + ("" if type(module).__module__.startswith("torch.") else
+                "; that converts torch's own BatchNorm classes only, so replace this subclass by hand (e.g. by a "
+                "GroupNorm followed by its activation)")
             )
             continue
         own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}

@@ -138,6 +138,16 @@ def test_timm_vit_exact() -> None:
     assert_exact(model, torch.randn(4, 3, 16, 16, dtype=torch.float64))
 
 
+def test_timm_deit_distilled_exact() -> None:
+    """DeiT's distillation token is handled by its own ``_pos_embed`` unit, like the class token."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "deit_tiny_distilled_patch16_224", img_size=16, patch_size=8, depth=2, num_classes=3
+    ).double()
+    assert_exact(model, torch.randn(4, 3, 16, 16, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("source", ["timm", "torchvision"])
 def test_resnet18_exact(source: str) -> None:
     from opacus.validators import ModuleValidator

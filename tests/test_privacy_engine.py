@@ -217,6 +217,10 @@ class _OwnParamAndChildren(nn.Module):
         return self.fc(x) * self.scale
 
 
+class _BatchNormSubclass(nn.BatchNorm1d):
+    """A library's BatchNorm variant (like timm's BatchNormAct2d), which ModuleValidator.fix leaves in place."""
+
+
 class _ReadsChildWeight(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -231,6 +235,7 @@ class _ReadsChildWeight(nn.Module):
     [
         (lambda: nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), r"'1' \(BatchNorm1d\).*ModuleValidator\.fix"),
         (lambda: nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3).requires_grad_(False)), "BatchNorm1d"),
+        (lambda: nn.Sequential(nn.Linear(3, 3), _BatchNormSubclass(3)), r"_BatchNormSubclass.*replace this subclass"),
         (lambda: nn.MultiheadAttention(3, 1, batch_first=True), r"in_proj_weight.*register_unit"),
         (lambda: _OwnParamAndChildren(), r"\(scale\)"),
         (lambda: nn.Sequential(nn.Embedding(5, 3, max_norm=1.0)), "max_norm"),

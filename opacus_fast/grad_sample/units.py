@@ -44,6 +44,7 @@ def find_unit(module: nn.Module) -> UnitSpec | None:
 
 
 register_unit("timm.models.vision_transformer.VisionTransformer", "_pos_embed", ("cls_token", "reg_token", "pos_embed"))
+register_unit("timm.models.deit.VisionTransformerDistilled", "_pos_embed", ("cls_token", "dist_token", "pos_embed"))
 
 
 @contextlib.contextmanager
