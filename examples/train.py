@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm import tqdm
 
-ACCOUNTANTS = ("prv", "rdp", "gdp", "prv_accountant")
+ACCOUNTANTS = ("prv", "rdp", "prv_accountant")
 OWN_MODELS = ("cnn", "mlp")
 
 

@@ -17,6 +17,11 @@ drawing from rank 0's own cryptographically secure generator, and no rank can re
 The other ranks see only the noisy global sum, the same quantity a single-process run releases; the trust model
 is that of one training job (ranks see each other's unnoised partial sums during the all-reduce).
 
+Settings: every rank must pass the same FULL dataset (the sampler splits each global Poisson sample among the
+ranks: do not shard it yourself), sample_rate, noise_multiplier, max_grad_norm and loss_reduction. When training
+starts, the ranks compare them and, where any differs, all raise naming each difference; ``max_physical_batch_size``
+may differ (each rank splits its own part).
+
 Checkpoints: all ranks hold the same state, so :func:`save_checkpoint` lets rank 0 write it and every rank loads
 it with ``PrivacyEngine.load_checkpoint``.
 
@@ -96,6 +101,40 @@ class DistributedSetup:
         if isinstance(self.wrapper, DistributedDataParallel):
             # removed by the engine's detach(), i.e. by the returned model's cleanup()
             engine.add_handle(self.wrapper.register_forward_pre_hook(_refuse_ddp_forward))
+
+
+_SETTING_HINTS = {
+    "dataset size": "every rank must pass the same full dataset: the sampler splits each global Poisson sample among "
+    "the ranks, so do not shard it yourself (no per-rank Subset or shard)",
+    "sample_rate": "pass the same sample_rate on every rank (its default 1/len(data_loader) follows the dataset size "
+    "and batch_size)",
+    "expected batch size": "it is dataset size × sample_rate: pass the same full dataset and sample_rate on every rank",
+    "noise_multiplier": "pass the same noise_multiplier on every rank (rank 0 draws the noise for all)",
+    "max_grad_norm": "pass the same max_grad_norm on every rank (the noise is scaled to rank 0's)",
+    "loss_reduction": "pass the same loss_reduction on every rank",
+}
+
+
+def check_same_settings(mine: dict[str, Any]) -> None:
+    """Raise on every rank, naming each differing setting with its value per rank, unless all ranks agree.
+
+    ``mine``: this rank's value of each setting named in ``_SETTING_HINTS``. Called by ``make_private_fast`` on every
+    rank before anything is attached. All ranks take part in one all-gather before any raises, so none is left
+    waiting in a collective.
+    """
+    everyone: list[dict[str, Any] | None] = [None] * dist.get_world_size()
+    _guarded("the comparison of the ranks' settings", lambda: dist.all_gather_object(everyone, mine))
+    differences = [
+        f"- {name}: " + ", ".join(f"rank {rank}: {settings[name]}" for rank, settings in enumerate(everyone))
+        + f". {_SETTING_HINTS[name]}"
+        for name in mine
+        if any(settings[name] != mine[name] for settings in everyone)
+    ]
+    if differences:
+        raise ValueError(
+            f"rank {dist.get_rank()}: the ranks' DP settings differ, so the sampling, the noise or the privacy "
+            "accounting would be wrong; every rank raises this error:\n" + "\n".join(differences)
+        )
 
 
 def unwrap_distributed(module: nn.Module, *, poisson_sampling: bool) -> DistributedSetup | None:

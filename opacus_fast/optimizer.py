@@ -95,6 +95,8 @@ class FastDPOptimizer(DPOptimizer):
         if self._logical_batch_continues():
             self._is_last_step_skipped = True
             return False
+        if self.context is not None:
+            self.context.released = self.context.trained
         self.add_noise()
         self.scale_grad()
         if self.step_hook:

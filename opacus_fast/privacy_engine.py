@@ -13,11 +13,11 @@ from opacus.grad_sample import GradSampleModule
 from torch import nn, optim
 from torch.utils.data import DataLoader
 
-from .accounting import get_noise_multiplier
+from .accounting import check_upper_bound, get_noise_multiplier
 from .clipping import ClipBound
 from .cpu_memory import keep_freed_memory
 from .data.context import BatchContext
-from .distributed import DistributedFastDPOptimizer, unwrap_distributed
+from .distributed import DistributedFastDPOptimizer, check_same_settings, unwrap_distributed
 from .engine import BKEngine, plan_sites
 from .optimizer import FastDPOptimizer
 
@@ -124,6 +124,9 @@ def _noise_generator(generator: torch.Generator | None, params: Sequence[nn.Para
 class PrivacyEngine(opacus.PrivacyEngine):
     """Opacus' PrivacyEngine plus :meth:`make_private_fast` (and its ``_with_epsilon`` variant)."""
 
+    #: whether make_private_fast has set up training with this engine (checkpoints must then restore everything)
+    _trains = False
+
     def make_private_fast(
         self,
         *,
@@ -166,6 +169,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
         """
         if noise_generator is not None and self.secure_mode:
             raise ValueError("Passing seed is prohibited in secure mode")
+        check_upper_bound(self.accountant.mechanism())
         setup = unwrap_distributed(module, poisson_sampling=poisson_sampling)
         if setup is not None:
             module = setup.module
@@ -198,6 +202,11 @@ class PrivacyEngine(opacus.PrivacyEngine):
             )
             loader = data_loader
             rate, expected = 1 / len(data_loader), data_loader.batch_size
+        if setup is not None:
+            check_same_settings({
+                "dataset size": len(data_loader.dataset), "sample_rate": rate, "expected batch size": expected,
+                "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm, "loss_reduction": loss_reduction,
+            })
         if self.dataset is None:
             self.dataset = data_loader.dataset
 
@@ -214,6 +223,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
         if setup is not None:
             setup.start(engine)
         dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=rate))
+        self._trains = True
         return BKGradSampleModule(module, engine), dp_optimizer, loader
 
     def make_private_fast_with_epsilon(
@@ -253,16 +263,61 @@ class PrivacyEngine(opacus.PrivacyEngine):
         )
 
     def save_checkpoint(self, *, path, module: nn.Module, optimizer=None, data_loader=None, **kwargs: Any) -> None:
-        """Opacus' ``save_checkpoint`` plus, with ``data_loader``, the Poisson sampler's state (same next batches)."""
+        """Opacus' ``save_checkpoint`` plus, with ``data_loader``, the Poisson sampler's state (same next batches).
+
+        Refused between fetching the last physical batch of a logical batch and the ``optimizer.step()`` that
+        releases it: the sampler state would already be past that logical batch and the noise generator not, so a
+        resumed run would skip it and noise the next one with its noise.
+        """
         checkpoint = dict(kwargs.pop("checkpoint_dict", None) or {})
         if data_loader is not None:
+            context = getattr(data_loader, "context", None)
+            current = context.current if context is not None else None
+            if current is not None and current.is_last and context.released is not current:
+                raise RuntimeError(
+                    "save_checkpoint was called between fetching the last physical batch of a logical batch and "
+                    "the optimizer.step() that ends it: the resumed run would skip that batch and reuse its noise. "
+                    "Save after optimizer.step() (e.g. at the end of the loop body) or outside the loop"
+                )
             checkpoint["data_loader_state_dict"] = data_loader.state_dict()
         super().save_checkpoint(path=path, module=module, optimizer=optimizer, checkpoint_dict=checkpoint, **kwargs)
 
     def load_checkpoint(self, *, path, module: nn.Module, optimizer=None, data_loader=None, **kwargs: Any) -> dict:
-        """Opacus' ``load_checkpoint`` plus, with ``data_loader``, the Poisson sampler's state."""
+        """Opacus' ``load_checkpoint`` plus, with ``data_loader``, the Poisson sampler's state.
+
+        When this engine trains (``make_private_fast`` was called), the optimizer and the data loader must both be
+        restored if the checkpoint holds their state, before anything is loaded: a fresh sampler would redraw
+        batches already used, a fresh noise generator replay noise already used on other batches.
+        """
+        _check_restored(_peek(path, kwargs.get("torch_load_kwargs")), optimizer, data_loader, trains=self._trains)
         checkpoint = super().load_checkpoint(path=path, module=module, optimizer=optimizer, **kwargs)
         if data_loader is not None:
             data_loader.load_state_dict(checkpoint.pop("data_loader_state_dict"))
         return checkpoint
 
+
+
+def _peek(path: Any, torch_load_kwargs: dict | None) -> dict:
+    """The checkpoint's contents, leaving a file object at its start for the real load."""
+    checkpoint = torch.load(path, **(torch_load_kwargs or {}))
+    if hasattr(path, "seek"):
+        path.seek(0)
+    return checkpoint
+
+
+def _check_restored(checkpoint: dict, optimizer: Any, data_loader: Any, *, trains: bool) -> None:
+    """Refuse a checkpoint load that would restore only part of a training run's randomness, or lacks a part."""
+    if data_loader is not None and "data_loader_state_dict" not in checkpoint:
+        raise ValueError("the checkpoint holds no data loader state: save it with save_checkpoint(..., data_loader=...)")
+    missing = [name for name, key, given in (("optimizer", "optimizer_state_dict", optimizer),
+                                             ("data_loader", "data_loader_state_dict", data_loader))
+               if trains and given is None and key in checkpoint]
+    if missing:
+        raise ValueError(
+            f"the checkpoint holds the state of {' and '.join(missing)} but load_checkpoint was not given "
+            f"{'them' if len(missing) > 1 else 'it'}: resuming training without it would redraw batches already "
+            "used (data loader) or replay noise already used on other batches (optimizer's noise generator), "
+            "which voids the privacy guarantee. Pass the optimizer and data_loader that make_private_fast "
+            "returned. To load the model for evaluation only, pass torch.load(path)['module_state_dict'] to the "
+            "load_state_dict of the model you evaluate"
+        )

@@ -67,3 +67,49 @@ def test_resume_matches_uninterrupted_run(tmp_path, interrupt_inside_logical_bat
     for p, q in zip(model2.parameters(), expected_params):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
     assert engine2.get_epsilon(1e-5) == pytest.approx(expected_eps, rel=1e-12)
+
+
+@pytest.mark.parametrize("left_out", ["optimizer", "data_loader"])
+def test_partial_restore_into_a_training_engine_is_refused(tmp_path, left_out: str) -> None:
+    """A fresh sampler would redraw batches already used; a fresh noise generator would replay used noise."""
+    engine, _model, pmodel, opt, loader = _fresh()
+    _train(pmodel, opt, loader, 2)
+    path = tmp_path / "ckpt.pt"
+    engine.save_checkpoint(path=path, module=pmodel, optimizer=opt, data_loader=loader)
+
+    engine2, model2, pmodel2, opt2, loader2 = _fresh()
+    before = [p.detach().clone() for p in model2.parameters()]
+    given = {"optimizer": opt2, "data_loader": loader2}
+    given[left_out] = None
+    with pytest.raises(ValueError, match=f"holds the state of {left_out} .* voids the privacy guarantee"):
+        engine2.load_checkpoint(path=path, module=pmodel2, **given)
+    assert all(torch.equal(p, b) for p, b in zip(model2.parameters(), before))
+    assert len(engine2.accountant) == 0
+
+
+def test_model_only_load_by_an_engine_that_does_not_train(tmp_path) -> None:
+    engine, model, pmodel, opt, loader = _fresh()
+    _train(pmodel, opt, loader, 1)
+    path = tmp_path / "ckpt.pt"
+    engine.save_checkpoint(path=path, module=model, optimizer=opt, data_loader=loader)
+    torch.manual_seed(1)
+    fresh = mlp().double()
+    PrivacyEngine(accountant="rdp").load_checkpoint(path=path, module=fresh)
+    assert all(torch.equal(p, q) for p, q in zip(fresh.parameters(), model.parameters()))
+
+
+def test_checkpoint_between_last_batch_and_its_step_is_refused(tmp_path) -> None:
+    """The sampler state is already past the logical batch, the noise generator not: refuse until the step."""
+    engine, _model, pmodel, opt, loader = _fresh()
+    path = tmp_path / "ckpt.pt"
+    for (x,) in loader:
+        info = loader.context.current
+        opt.zero_grad()
+        l1_loss(pmodel(x), "mean").backward()
+        if info.is_last:
+            with pytest.raises(RuntimeError, match="between fetching the last physical batch"):
+                engine.save_checkpoint(path=path, module=pmodel, optimizer=opt, data_loader=loader)
+        opt.step()
+        engine.save_checkpoint(path=path, module=pmodel, optimizer=opt, data_loader=loader)
+        if info.is_last:
+            break

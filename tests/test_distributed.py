@@ -245,6 +245,28 @@ def scenario_errors(rank: int) -> None:
     assert torch.equal(_flat(model), before)
 
 
+def scenario_mismatch(rank: int, setting: str) -> None:
+    """Ranks that disagree on a setting all raise, naming it with every rank's value, before anything is changed."""
+    world = int(os.environ["TEST_WORLD_SIZE"])
+    torch.manual_seed(100 + rank)  # different initialisations: the broadcast from rank 0 would change them
+    model = mlp().double()
+    before = _flat(model).clone()
+    if setting == "dataset size":  # a user who shards the data himself: 48, 49 (and 50) examples
+        options, values = {"max_grad_norm": BOUND}, [48 + r for r in range(world)]
+        dataset = _dataset(48 + rank)
+    else:
+        options, values = {"max_grad_norm": BOUND if rank == 0 else 5.0}, [BOUND] + [5.0] * (world - 1)
+        dataset = _dataset()
+    with pytest.raises(ValueError, match="DP settings differ") as error:
+        _private(DPDistributedModule(model), model, dataset, noise_multiplier=1.0, **options)
+    message = str(error.value)
+    assert f"{setting}: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values)) in message, message
+    assert ("do not shard it yourself" if setting == "dataset size" else "same max_grad_norm") in message, message
+    named = re.findall(r"^- ([^:]+):", message, flags=re.MULTILINE)  # only what differs, in a fixed order
+    assert named == (["dataset size", "sample_rate", "expected batch size"] if setting == "dataset size" else [setting])
+    assert torch.equal(_flat(model), before)
+
+
 def scenario_failure(rank: int, port: int, mode: str) -> None:
     """The last rank raises in step 1 and then hangs (or exits): the others get a clear error within the timeout."""
     dist.destroy_process_group()
@@ -288,6 +310,8 @@ def _scenarios(world: int, ports: tuple[int, int], out_dir: str) -> dict[str, Ca
         "noise": scenario_noise,
         "checkpoint": lambda r: scenario_checkpoint(r, out_dir),
         "errors": scenario_errors,
+        "dataset_sizes": lambda r: scenario_mismatch(r, "dataset size"),
+        "clip_bounds": lambda r: scenario_mismatch(r, "max_grad_norm"),
         "failure": lambda r: scenario_failure(r, ports[1], "exit" if wide else "hang"),
     }
 
@@ -308,7 +332,7 @@ def _worker(rank: int, world: int, ports: tuple[int, int], out_dir: str) -> None
         try:
             run(rank)
             results[name] = "ok"
-        except Exception:  # noqa: BLE001 - any failure is reported to the main process, which fails the test
+        except (Exception, pytest.fail.Exception):  # noqa: BLE001 - any failure (DID NOT RAISE too) is reported
             results[name] = traceback.format_exc()
         results[name + ":seconds"] = f"{time.monotonic() - start:.1f}"
         out.write_text(json.dumps(results))
@@ -392,6 +416,16 @@ def test_checkpoint_saved_on_rank0_resumes_every_rank(ranks) -> None:
 
 def test_bad_setups_fail_clearly(ranks) -> None:
     _expect_ok(ranks, "errors")
+
+
+def test_ranks_with_different_dataset_sizes_all_raise(ranks) -> None:
+    """Per-rank shards (48, 49, 50 examples): each rank's sampler would draw its own q from its own data."""
+    _expect_ok(ranks, "dataset_sizes")
+
+
+def test_ranks_with_different_clip_bounds_all_raise(ranks) -> None:
+    """Rank 0 clips at 0.8, the others at 5.0, while the noise is scaled to rank 0's bound."""
+    _expect_ok(ranks, "clip_bounds")
 
 
 def test_failing_rank_gives_clear_error_in_bounded_time(ranks) -> None:

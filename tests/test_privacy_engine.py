@@ -290,6 +290,18 @@ def test_bad_options_fail_clearly(options: dict, error: type, match: str) -> Non
         _setup(**options)
 
 
+@pytest.mark.filterwarnings("ignore:GDP accounting is experimental")
+def test_accountant_without_upper_bound_is_refused() -> None:
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="'gdp' is refused"):
+        PrivacyEngine(accountant="gdp").make_private_fast(
+            module=model, optimizer=optimizer, data_loader=DataLoader(_data()), noise_multiplier=1.0,
+            max_grad_norm=1.0)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert not isinstance(optimizer, DPOptimizer)
+
+
 def test_optimizer_with_foreign_parameters_is_refused() -> None:
     model = mlp()
     optimizer = torch.optim.SGD(list(model.parameters()) + [nn.Parameter(torch.zeros(2))], lr=0.1)

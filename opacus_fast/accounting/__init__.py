@@ -4,9 +4,9 @@ Importing this package registers :class:`PRVPackageAccountant` in Opacus as ``"p
 ``opacus.accountants.create_accountant("prv_accountant")`` and ``PrivacyEngine(accountant="prv_accountant")`` work.
 """
 
-from .calibration import get_noise_multiplier
+from .calibration import check_upper_bound, get_noise_multiplier
 from .prv_package import MECHANISM, PRVPackageAccountant, register
 
 register()
 
-__all__ = ["MECHANISM", "PRVPackageAccountant", "get_noise_multiplier", "register"]
+__all__ = ["MECHANISM", "PRVPackageAccountant", "check_upper_bound", "get_noise_multiplier", "register"]

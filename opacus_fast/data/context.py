@@ -47,6 +47,8 @@ class BatchContext:
         self.trained: PhysicalBatchInfo | None = None
         #: whether a training side reads the infos (and so checks that each yielded batch is trained in turn)
         self.trains = False
+        #: the last physical batch of the logical batch that the training side released last (noised and stepped)
+        self.released: PhysicalBatchInfo | None = None
 
     def publish(self, info: PhysicalBatchInfo | None) -> None:
         """Make ``info`` the current physical batch (None clears it, at the end of an iteration).
