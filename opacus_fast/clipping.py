@@ -60,4 +60,4 @@ class ClipBound:
 
 def has_pending_sums(params: Sequence[nn.Parameter]) -> bool:
     """Whether any of ``params`` holds a clipped sum not yet released by an optimizer step."""
-    return any(getattr(p, "summed_grad", None) is not None for p in params)
+    return any(getattr(p, "summed_grad", None) is not None and p.requires_grad for p in params)

@@ -201,8 +201,6 @@ class BKEngine:
         self.bound = bound
         self._records: list[Record] = []
         self._task: int | None = None
-        #: dim 0 of the model's first input in its latest forward (set by the model wrapper; None if unknown)
-        self.input_batch: int | None = None
         self._handles: list[Any] = []
         #: a scalar leaf that requires grad: passed to every capture so that its output requires grad even when
         #: its input does not, while the parameters themselves stay out of the autograd graph
@@ -211,8 +209,6 @@ class BKEngine:
         #: only (torch.autograd.grad(loss, x)), not the parameters' (held here so that it stays the same node)
         self._anchor_node = self.anchor.view_as(self.anchor).grad_fn.next_functions[0][0]
         self._attach()
-        if context is not None:
-            context.trains = True
 
     # ---- attaching -------------------------------------------------------------------------------------------
     def _attach(self) -> None:
@@ -237,8 +233,6 @@ class BKEngine:
             h.remove()
         self._handles.clear()
         self.sites = []
-        if self.context is not None:
-            self.context.trains = False
 
     def _make_call(self, site: Site) -> Callable:
         engine = self
@@ -332,7 +326,16 @@ class BKEngine:
                 "backward() ran twice on the same physical batch: each example's gradient must come from one "
                 "backward pass to be clipped correctly. Add the losses together and call backward() once"
             )
-        if info.index == 0 and any(getattr(p, "summed_grad", None) is not None
+        previous = self.context.previous
+        if previous is not None and previous is not self.context.trained:
+            raise RuntimeError(
+                "the physical batch before this one got no backward(): either the loop fetches batches ahead (a "
+                "prefetcher, accelerate's prepare), which pairs one batch's rows with the next one's padding mask, "
+                "or it skipped a batch, which would release part of a Poisson sample. Iterate the loader returned "
+                "by make_private_fast directly and run forward and backward on every batch it yields, empty ones "
+                "included"
+            )
+        if info.index == 0 and any(getattr(p, "summed_grad", None) is not None and p.requires_grad
                                    for site in self.sites for p in site.params.values()):
             raise RuntimeError(
                 "a new logical batch started while clipped gradients of an unfinished one are still pending (the "
@@ -342,7 +345,11 @@ class BKEngine:
         self.context.mark_trained(info)
         rows = info.num_real if info.mask is None else info.mask.shape[0]
         if rows != batch:
-            raise _batch_mismatch("the physical batch", rows, batch)
+            raise RuntimeError(
+                f"the physical batch has {rows} rows but the model's layers saw {batch}: every layer input must have "
+                "the batch as dim 0 (batch_first=True). A model that folds tokens or time steps into dim 0 (e.g. "
+                "x.reshape(-1, d)) or runs its layers sequence-first cannot be clipped per example"
+            )
         return info.mask
 
     def finish(self) -> None:
@@ -358,8 +365,9 @@ class BKEngine:
                     f"{rec.site.module_name}: saw {rec.batch} examples but other layers saw {batch}; opacus_fast "
                     "needs the batch as dim 0 of every layer input (batch_first=True)"
                 )
-        if self.input_batch is not None and batch != self.input_batch:
-            raise _batch_mismatch("the model's input", self.input_batch, batch)
+        _release_frozen(records)
+        if not any(p.requires_grad for rec in records for p in rec.site.params.values()):
+            return  # e.g. a GAN generator's step through a frozen private discriminator: nothing to clip
         mask = self._mask(batch)
         if batch == 0:  # an empty (unpadded) logical batch: nothing to clip; the step is noise only
             return
@@ -423,12 +431,13 @@ class BKEngine:
         return {p: factor(v, self.bound.per_param[p]) for p, v in sq.items()}
 
 
-def _batch_mismatch(source: str, rows: int, batch: int) -> RuntimeError:
-    return RuntimeError(
-        f"{source} has {rows} rows but the model's layers saw {batch}: every layer input must have the batch as "
-        "dim 0 (batch_first=True). A model that folds tokens or time steps into dim 0 (e.g. x.reshape(-1, d)) or "
-        "takes sequence-first inputs cannot be clipped per example"
-    )
+def _release_frozen(records: list[Record]) -> None:
+    """Drop the pending sums of parameters frozen since: the optimizer never releases them (nothing is lost, since
+    nothing of them was released), and they must not block later logical batches."""
+    for rec in records:
+        for p in rec.site.params.values():
+            if not p.requires_grad:
+                p.summed_grad = None
 
 
 def _accumulate(p: nn.Parameter, s: Tensor) -> None:

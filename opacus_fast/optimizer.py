@@ -62,6 +62,10 @@ class FastDPOptimizer(DPOptimizer):
 
     @max_grad_norm.setter
     def max_grad_norm(self, value: float) -> None:
+        """Change C (e.g. from a GradClipScheduler) between logical batches; sums that a loop left behind (break)
+        are discarded first, since they will never be released."""
+        if value != self.bound.total:
+            self._discard_abandoned()
         self.bound.set_total(value)
 
     @property
@@ -112,20 +116,24 @@ class FastDPOptimizer(DPOptimizer):
         warning) rather than added to another batch, where an example drawn twice would count twice. Without any
         trained physical batch from the loader (a plain loader, Opacus' BatchMemoryManager), Opacus' rule applies.
         """
+        self._discard_abandoned()
         trained, current = self._infos()
-        if abandoned(trained, current) and has_pending_sums(self.params):
-            warnings.warn(
-                "discarding the clipped gradients of a logical batch that was left before its last physical batch",
-                stacklevel=2,
-            )
-            for p in self.params:
-                p.summed_grad = None
         if not continues(trained, current):
             super().zero_grad(set_to_none)
             return
         for p in self.params:
             p.grad_sample = None
         self.original_optimizer.zero_grad(set_to_none)
+
+    def _discard_abandoned(self) -> None:
+        """Drop, with a warning, the pending sums of a logical batch the loop left before its last physical batch."""
+        if abandoned(*self._infos()) and has_pending_sums(self.params):
+            warnings.warn(
+                "discarding the clipped gradients of a logical batch that was left before its last physical batch",
+                stacklevel=3,
+            )
+            for p in self.params:
+                p.summed_grad = None
 
     def add_noise(self) -> None:
         """``p.grad = summed clipped grads + N(0, σ²C²)``, drawn once per parameter per logical batch."""

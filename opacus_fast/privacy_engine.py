@@ -31,9 +31,6 @@ class BKGradSampleModule(nn.Module):
         self.__dict__["_engine"] = engine
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled():  # a forward that backward may follow (not an evaluation under no_grad)
-            first = args[0] if args else None
-            self._engine.input_batch = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 0 else None
         return self._module(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

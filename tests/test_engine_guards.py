@@ -70,11 +70,13 @@ def _private(model: nn.Module, data: TensorDataset, **options):
                                              noise_multiplier=0.0, max_grad_norm=1.0, **options)
 
 
-@pytest.mark.parametrize("poisson", [True, False])
-def test_layers_that_fold_tokens_into_the_batch_are_refused(poisson: bool) -> None:
-    """Clipping token rows as examples would let one example contribute up to T·C."""
+@pytest.mark.parametrize("pad", [True, False])
+def test_layers_that_fold_tokens_into_the_batch_are_refused(pad: bool) -> None:
+    """Clipping token rows as examples would let one example contribute up to T·C; the loader's row count (or
+    mask) exposes it."""
     torch.manual_seed(0)
-    pmodel, optimizer, loader = _private(TokenFolding().double(), _tokens(), poisson_sampling=poisson)
+    pmodel, optimizer, loader = _private(TokenFolding().double(), _tokens(), max_physical_batch_size=4,
+                                         pad_physical_batches=pad)
     with pytest.raises(RuntimeError, match="folds tokens or time steps into dim 0"):
         for (x,) in loader:
             optimizer.zero_grad()
@@ -205,3 +207,25 @@ def test_parameter_frozen_after_attaching_is_neither_clipped_nor_updated() -> No
     for name, p in model.named_parameters():
         if name != "0.weight":
             torch.testing.assert_close(p.summed_grad, want[name], rtol=1e-9, atol=1e-12)
+
+
+def test_backward_through_a_frozen_private_model_adds_and_marks_nothing() -> None:
+    """A GAN generator step through the frozen private discriminator, after the discriminator's own step on the
+    same physical batch: nothing to clip, no error, and the discriminator's training goes on."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    generator = nn.Linear(7, 7).double()
+    data = TensorDataset(torch.randn(32, 7, dtype=torch.float64))
+    pmodel, optimizer, loader = _private(model, data, loss_reduction="sum")
+    steps = 0
+    for (x,) in loader:
+        optimizer.zero_grad()
+        l1_loss(pmodel(x), "sum").backward()
+        optimizer.step()
+        model.requires_grad_(False)
+        l1_loss(pmodel(generator(torch.randn(len(x), 7, dtype=torch.float64))), "sum").backward()
+        model.requires_grad_(True)
+        assert generator.weight.grad is not None
+        assert all(getattr(p, "summed_grad", None) is None for p in model.parameters())
+        steps += 1
+    assert steps == loader.steps_per_epoch

@@ -147,18 +147,26 @@ def test_clip_bound_change_is_refused_while_sums_are_pending() -> None:
     clipped at the old bound, and noise at the new one would not cover them."""
     _, _, pmodel, optimizer, loader = _private(bound=1.0)
     scheduler = StepGradClip(optimizer, step_size=1, gamma=0.5)
-    _leave_after_a_non_last_batch(pmodel, optimizer, loader)
-    pending = _pending(optimizer)
-    assert all(s is not None for s in pending)
     message = r"after the optimizer\.step\(\) that ends the logical batch"
-    with pytest.raises(ValueError, match=message):
-        optimizer.max_grad_norm = 0.5
-    with pytest.raises(ValueError, match=message):
-        scheduler.step()
-    optimizer.max_grad_norm = 1.0  # the same value again: nothing changes, nothing to refuse
-    assert optimizer.max_grad_norm == optimizer.bound.flat == 1.0
-    for before, p in zip(pending, optimizer.params):
-        assert torch.equal(before, p.summed_grad)
+    for (x,) in loader:
+        info = loader.context.current
+        optimizer.zero_grad()
+        _loss(pmodel(x)).backward()
+        optimizer.step()
+        if not info.is_last:  # inside a logical batch that goes on: its sums are pending
+            pending = _pending(optimizer)
+            assert all(s is not None for s in pending)
+            with pytest.raises(ValueError, match=message):
+                optimizer.max_grad_norm = 0.5
+            with pytest.raises(ValueError, match=message):
+                scheduler.step()
+            optimizer.max_grad_norm = 1.0  # the same value again: nothing changes, nothing to refuse
+            assert optimizer.max_grad_norm == optimizer.bound.flat == 1.0
+            for before, p in zip(pending, optimizer.params):
+                assert torch.equal(before, p.summed_grad)
+            break
+    else:
+        raise AssertionError("no logical batch had two physical batches")
 
     _, _, pmodel, optimizer, loader = _private(bound=1.0, max_physical_batch_size=None)
     (x,) = next(batches := iter(loader))
@@ -168,6 +176,52 @@ def test_clip_bound_change_is_refused_while_sums_are_pending() -> None:
         optimizer.max_grad_norm = 0.01
     assert optimizer.max_grad_norm == 1.0
     del batches
+
+
+def test_clip_bound_change_after_leaving_a_logical_batch_discards_its_sums() -> None:
+    """A scheduler stepped after a loop left a logical batch early (break): its sums will never be released, so
+    they are discarded (with the warning) and the new bound applies."""
+    _, _, pmodel, optimizer, loader = _private(bound=1.0)
+    scheduler = StepGradClip(optimizer, step_size=1, gamma=0.5)
+    _leave_after_a_non_last_batch(pmodel, optimizer, loader)
+    with pytest.warns(UserWarning, match="discarding the clipped gradients"):
+        scheduler.step()
+    assert optimizer.max_grad_norm == optimizer.bound.flat == 0.5
+    assert all(p.summed_grad is None for p in optimizer.params)
+
+
+def test_data_only_pass_over_the_loader_then_training() -> None:
+    """Iterating the private loader without training (statistics, accuracy under no_grad) is fine; so is training
+    afterwards."""
+    engine, _, pmodel, optimizer, loader = _private()
+    rows = 0
+    for (x,) in loader:
+        with torch.no_grad():
+            pmodel(x)
+        rows += len(x)
+    assert rows > 0
+    for (x,) in loader:
+        optimizer.zero_grad()
+        _loss(pmodel(x)).backward()
+        optimizer.step()
+    assert sum(n for _, _, n in engine.accountant.history) == loader.steps_per_epoch
+
+
+def test_freezing_inside_a_logical_batch_does_not_block_later_ones() -> None:
+    """The frozen parameter's partial sum is dropped (never released), not left to block the next batches."""
+    engine, _, pmodel, optimizer, loader = _private()
+    frozen = False
+    for (x,) in loader:
+        info = loader.context.current
+        optimizer.zero_grad()
+        _loss(pmodel(x)).backward()
+        optimizer.step()
+        if not info.is_last and not frozen:
+            pmodel._module[0].requires_grad_(False)
+            frozen = True
+    assert frozen and sum(n for _, _, n in engine.accountant.history) == loader.steps_per_epoch
+    assert all(getattr(p, "summed_grad", None) is None for p in pmodel.parameters())
+    optimizer.max_grad_norm = 0.5
 
 
 def test_clip_bound_changes_after_the_step_that_ends_the_logical_batch() -> None:
@@ -233,10 +287,10 @@ def _one_ahead(loader) -> Iterator[tuple[torch.Tensor, PhysicalBatchInfo]]:
 
 def test_prefetching_loop_is_refused_before_any_step() -> None:
     """Fetching the next physical batch before the current one is trained would pair rows with the next batch's
-    mask: refused at the second fetch, before any backward, step or accountant step."""
+    mask: refused at the first backward, before anything is clipped, stepped or accounted."""
     engine, _, pmodel, optimizer, loader = _private(lr=0.5)
     before = [p.detach().clone() for p in optimizer.params]
-    with pytest.raises(RuntimeError, match="next physical batch was requested before the current one was trained"):
+    with pytest.raises(RuntimeError, match="the physical batch before this one got no backward"):
         for (x,), _ in _one_ahead(loader):
             optimizer.zero_grad()
             _loss(pmodel(x)).backward()
@@ -244,3 +298,17 @@ def test_prefetching_loop_is_refused_before_any_step() -> None:
     assert engine.accountant.history == []
     assert all(p.grad is None for p in optimizer.params)
     assert all(torch.equal(b, p) for b, p in zip(before, optimizer.params))
+
+
+def test_peeking_a_batch_then_training() -> None:
+    """A batch taken from an iterator that stays alive (e.g. to read shapes) does not count as skipped by the
+    training loop's own iteration."""
+    engine, _, pmodel, optimizer, loader = _private()
+    peek = iter(loader)
+    next(peek)
+    for (x,) in loader:
+        optimizer.zero_grad()
+        _loss(pmodel(x)).backward()
+        optimizer.step()
+    assert sum(n for _, _, n in engine.accountant.history) == loader.steps_per_epoch
+    del peek

@@ -239,6 +239,7 @@ class DPDataLoader(DataLoader):
         """Yield the physical batches, publishing each one's info into ``context`` first (None at the end)."""
         token, plans = object(), deque()
         self._iteration = token
+        self.context.publish(None)  # a new iteration: batches an abandoned iterator handed out are no longer current
         sampler = self.batch_sampler
         self._resume_state = sampler.logical.state_dict()
         sampler.sink = plans
