@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .clipping import ClipBound
+from .clipping import ClipBound, has_pending_sums
 from .data.context import BatchContext
 from .grad_sample import LayerRule, find_rule, find_unit, run_per_example, scratch_space, sq_norm, weighted_sum
 
@@ -335,8 +335,7 @@ class BKEngine:
                 "by make_private_fast directly and run forward and backward on every batch it yields, empty ones "
                 "included"
             )
-        if info.index == 0 and any(getattr(p, "summed_grad", None) is not None and p.requires_grad
-                                   for site in self.sites for p in site.params.values()):
+        if info.index == 0 and has_pending_sums([p for site in self.sites for p in site.params.values()]):
             raise RuntimeError(
                 "a new logical batch started while clipped gradients of an unfinished one are still pending (the "
                 "loop left a logical batch before its last physical batch was stepped). Call optimizer.zero_grad() "

@@ -295,11 +295,13 @@ class PrivacyEngine(opacus.PrivacyEngine):
 
 
 def _peek(path: Any, torch_load_kwargs: dict | None) -> dict:
-    """The checkpoint's contents, leaving a file object at its start for the real load."""
-    checkpoint = torch.load(path, **(torch_load_kwargs or {}))
+    """The checkpoint's contents, leaving a file object at its start for the real load; a file on disk is memory-mapped,
+    so only what is looked at is read (the real load reads it all)."""
     if hasattr(path, "seek"):
+        checkpoint = torch.load(path, **(torch_load_kwargs or {}))
         path.seek(0)
-    return checkpoint
+        return checkpoint
+    return torch.load(path, **{"mmap": True, **(torch_load_kwargs or {})})
 
 
 def _check_restored(checkpoint: dict, optimizer: Any, data_loader: Any, *, trains: bool) -> None:
