@@ -70,6 +70,7 @@ class _LayerCapture(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):
+        _refuse_higher_order(ctx.site)
         saved = ctx.saved_tensors
         site = ctx.site
         if ctx.engine.computes_param_grads():
@@ -99,6 +100,7 @@ class _UnitCapture(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):
+        _refuse_higher_order(ctx.site)
         out, leaves, copies = ctx.graph
         del ctx.graph
         if not ctx.engine.computes_param_grads():
@@ -113,6 +115,17 @@ class _UnitCapture(torch.autograd.Function):
         input_grads = iter(grads)
         grad_inputs = tuple(next(input_grads) if x.requires_grad else None for x in leaves)
         return (None, None, None, None) + grad_inputs + (None,)
+
+
+def _refuse_higher_order(site: Site) -> None:
+    """Refuse a backward that builds a graph of its own (``create_graph=True``): a gradient of the gradient (e.g. a
+    gradient penalty) would reach the parameters unclipped, or not at all."""
+    if torch.is_grad_enabled():
+        raise UnsupportedModuleError(
+            f"{_describe(site.module_name, site.module)}: backward or torch.autograd.grad with create_graph=True (higher-order "
+            "gradients, e.g. a gradient penalty) is not supported: the gradient of a gradient term cannot be "
+            "clipped per example. Compute such a term without create_graph=True, or leave it out of private training"
+        )
 
 
 def _describe(name: str, module: nn.Module) -> str:
@@ -243,6 +256,7 @@ class BKEngine:
                 if args or kwargs:
                     raise TypeError(f"{site.module_name}: opacus_fast captures single-input calls of this layer only")
                 engine.forget_failed_backward()
+                engine.note_forward()
                 return _LayerCapture.apply(engine, site, rule.prepare(site.module, x), engine.anchor)
 
             return call
@@ -257,6 +271,7 @@ class BKEngine:
                 if isinstance(v, Tensor) and v.requires_grad:
                     raise TypeError(f"{site.module_name}.{site.method}: keyword input '{k}' requires grad")
             engine.forget_failed_backward()
+            engine.note_forward()
             versions = [x._version for x in inputs]
             out = _UnitCapture.apply(engine, site, kwargs, len(inputs), *inputs, engine.anchor)
             if [x._version for x in inputs] != versions:
@@ -290,6 +305,12 @@ class BKEngine:
         """Called outside any backward (from a capture's forward): drop what a backward that raised left behind."""
         if self._task is not None and torch._C._current_graph_task_id() == -1:
             self._task, self._records = None, []
+
+    def note_forward(self) -> None:
+        """Called from a capture's forward: note a forward pass that builds a graph, so that the optimizer can refuse
+        to release a logical batch none of whose backward passes produced clipped gradients."""
+        if self.context is not None and torch.is_grad_enabled():
+            self.context.forward_since_release = True
 
     def record(self, rec: Record) -> None:
         """Called from captures during backward; schedules :meth:`finish` once per backward pass."""
@@ -368,6 +389,8 @@ class BKEngine:
         if not any(p.requires_grad for rec in records for p in rec.site.params.values()):
             return  # e.g. a GAN generator's step through a frozen private discriminator: nothing to clip
         mask = self._mask(batch)
+        if self.context is not None:
+            self.context.clipped_since_release = True
         if batch == 0:  # an empty (unpadded) logical batch: nothing to clip; the step is noise only
             return
         scale = float(batch) if self.loss_reduction == "mean" else 1.0

@@ -100,7 +100,9 @@ class FastDPOptimizer(DPOptimizer):
             self._is_last_step_skipped = True
             return False
         if self.context is not None:
+            _check_clipped(self.context)
             self.context.released = self.context.trained
+            self.context.forward_since_release = self.context.clipped_since_release = False
         self.add_noise()
         self.scale_grad()
         if self.step_hook:
@@ -175,6 +177,17 @@ class FastDPOptimizer(DPOptimizer):
             p.summed_grad = None
         self._is_last_step_skipped = False
         self._step_skip_queue.clear()
+
+
+def _check_clipped(context: BatchContext) -> None:
+    """Refuse to release a logical batch whose forward passes got no backward that clipped parameter gradients:
+    the step would add noise to nothing and train nothing, silently."""
+    if context.forward_since_release and not context.clipped_since_release:
+        raise RuntimeError(
+            "optimizer.step() found no clipped gradients: the model ran forward, but no backward pass since the last "
+            "step computed its parameters' gradients (loss.backward(inputs=...) and torch.autograd.grad(...) "
+            "compute no parameter gradients with opacus_fast). Call loss.backward() without inputs="
+        )
 
 
 def continues(trained: PhysicalBatchInfo | None, current: PhysicalBatchInfo | None) -> bool:

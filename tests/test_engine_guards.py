@@ -180,6 +180,66 @@ def test_input_gradient_passes_add_nothing(poisson: bool) -> None:
     assert checked >= 2
 
 
+@pytest.mark.parametrize("poisson", [True, False])
+def test_step_after_parameter_free_backward_is_refused_and_loses_nothing(poisson: bool) -> None:
+    """``loss.backward(inputs=...)`` computes no parameter gradients through the captures; stepping on it would add
+    noise to nothing and train nothing, silently. The step is refused and a corrected loop then trains exactly."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    data = TensorDataset(torch.randn(32, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    options = {"max_physical_batch_size": 4} if poisson else {"poisson_sampling": False}
+    pmodel, optimizer, loader = _private(model, data, loss_reduction="sum", **options)
+    before = [p.detach().clone() for p in model.parameters()]
+    (x,) = next(iter(loader))
+    optimizer.zero_grad()
+    l1_loss(pmodel(x), "sum").backward(inputs=list(model.parameters()))
+    with pytest.raises(RuntimeError, match="found no clipped gradients"):
+        optimizer.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    reference = mlp().double()
+    reference.load_state_dict(model.state_dict())
+    (x,) = next(iter(loader))  # a new pass over the data: the refused batch is not trained later
+    assert len(x) >= 2
+    optimizer.zero_grad()
+    l1_loss(pmodel(x), "sum").backward()
+    want = loop_clipped_sum(reference, x, 1.0)
+    for (name, _), p in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.summed_grad, want[name], rtol=1e-9, atol=1e-12)
+
+
+def test_forwards_without_backward_around_a_training_step_are_fine() -> None:
+    """A metrics forward with gradients enabled after the backward, and a step with no forward at all (a loop that
+    skips an empty Poisson batch), are ordinary loops: neither is refused."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    data = TensorDataset(torch.randn(16, 7, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+    pmodel, optimizer, _ = _private(model, data, poisson_sampling=False, loss_reduction="sum")
+    x = torch.randn(4, 7, dtype=torch.float64)
+    optimizer.zero_grad()
+    l1_loss(pmodel(x), "sum").backward()
+    pmodel(torch.randn(3, 7, dtype=torch.float64)).sum()
+    optimizer.step()
+    optimizer.zero_grad()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("case", ["create_graph", "gradient_penalty"])
+def test_higher_order_gradients_are_refused(case: str) -> None:
+    """A gradient of a gradient would reach the parameters unclipped (or not at all): refused, naming a layer."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    pmodel, _, _ = _private(model, TensorDataset(torch.randn(8, 7, dtype=torch.float64)))
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(UnsupportedModuleError, match=r"\(Linear\): backward or torch.autograd.grad with create_graph"):
+        out = pmodel(x)
+        if case == "create_graph":
+            l1_loss(out, "sum").backward(create_graph=True)
+        else:
+            (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+            (l1_loss(out, "sum") + grad_x.pow(2).sum()).backward()
+    assert all(getattr(p, "summed_grad", None) is None and p.grad is None for p in model.parameters())
+
+
 def test_instance_level_forward_override_is_refused() -> None:
     """accelerate's hooks and monkeypatches set ``forward`` on the instance; the capture would bypass them."""
     model = mlp().double()
