@@ -19,8 +19,8 @@ is that of one training job (ranks see each other's unnoised partial sums during
 
 Settings: every rank must pass the same FULL dataset (the sampler splits each global Poisson sample among the
 ranks: do not shard it yourself), sample_rate, noise_multiplier, max_grad_norm and loss_reduction. When training
-starts, the ranks compare them and, where any differs, all raise naming each difference; ``max_physical_batch_size``
-may differ (each rank splits its own part).
+starts, the ranks compare them (the dataset by its size and :func:`dataset_fingerprint`) and, where any differs,
+all raise naming each difference; ``max_physical_batch_size`` may differ (each rank splits its own part).
 
 Checkpoints: all ranks hold the same state, so :func:`save_checkpoint` lets rank 0 write it and every rank loads
 it with ``PrivacyEngine.load_checkpoint``.
@@ -33,11 +33,15 @@ once when its process exits). Every rank must call ``optimizer.step()`` for ever
 
 from __future__ import annotations
 
+import hashlib
+import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from opacus.optimizers.optimizer import _generate_noise
@@ -106,6 +110,9 @@ class DistributedSetup:
 _SETTING_HINTS = {
     "dataset size": "every rank must pass the same full dataset: the sampler splits each global Poisson sample among "
     "the ranks, so do not shard it yourself (no per-rank Subset or shard)",
+    "dataset contents": "every rank must pass the same full dataset, with its examples in the same order (compared "
+    "at a few fixed positions): the sampler splits each global Poisson sample among the ranks, so do not shard it "
+    "yourself (no per-rank Subset or shard, even of equal sizes)",
     "sample_rate": "pass the same sample_rate on every rank (its default 1/len(data_loader) follows the dataset size "
     "and batch_size)",
     "expected batch size": "it is dataset size × sample_rate: pass the same full dataset and sample_rate on every rank",
@@ -135,6 +142,73 @@ def check_same_settings(mine: dict[str, Any]) -> None:
             f"rank {dist.get_rank()}: the ranks' DP settings differ, so the sampling, the noise or the privacy "
             "accounting would be wrong; every rank raises this error:\n" + "\n".join(differences)
         )
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """A short hash of the dataset's length and of its examples at 8 evenly spread positions (first, last, ...).
+
+    Ranks that each pass their own shard of equal size, instead of the same full dataset, get different
+    fingerprints, which :func:`check_same_settings` then reports; only a few examples are read, whatever the size.
+    They are read under fixed seeds of torch's (CPU), NumPy's and Python's global generators, restored afterwards,
+    so that random augmentations give the same examples on every rank.
+    """
+    size = len(dataset)
+    digest = hashlib.sha256(str(size).encode())
+    with _fixed_global_seeds():
+        for position in _probe_positions(size):
+            _hash_into(digest, dataset[position])
+    return digest.hexdigest()[:16]
+
+
+def _probe_positions(size: int, probes: int = 8) -> list[int]:
+    """Up to ``probes`` (>= 2) distinct positions spread evenly over ``range(size)``, the first and the last included."""
+    return sorted({i * (size - 1) // (probes - 1) for i in range(probes)}) if size > 0 else []
+
+
+@contextmanager
+def _fixed_global_seeds(seed: int = 0) -> Iterator[None]:
+    """Seed torch's CPU, NumPy's and Python's global generators; restore their states on exit."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def _hash_into(digest: Any, value: Any) -> None:
+    """Feed ``value`` into ``digest``: tensors, arrays (and array-likes such as PIL images), numbers, strings, and
+    tuples, lists and dicts of them, by type, shape and content; other objects by their type's name only (their
+    repr may hold a memory address, which differs between ranks)."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu()
+        tensor = (tensor.to_dense() if tensor.layout != torch.strided else tensor).contiguous()
+        digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, Mapping):
+        digest.update(f"mapping {len(value)}".encode())
+        for key, item in value.items():
+            _hash_into(digest, key)
+            _hash_into(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__} {len(value)}".encode())
+        for item in value:
+            _hash_into(digest, item)
+    elif isinstance(value, (str, bytes, int, float, complex, type(None))):
+        digest.update(f"{type(value).__name__} {value!r}".encode())
+    elif hasattr(value, "__array__"):
+        array = np.ascontiguousarray(np.asarray(value))
+        digest.update(f"array {array.dtype} {array.shape}".encode())
+        if array.dtype == object:
+            _hash_into(digest, array.ravel().tolist())
+        else:
+            digest.update(array.tobytes())
+    else:
+        digest.update(type(value).__qualname__.encode())
 
 
 def unwrap_distributed(module: nn.Module, *, poisson_sampling: bool) -> DistributedSetup | None:

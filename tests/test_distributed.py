@@ -263,7 +263,8 @@ def scenario_mismatch(rank: int, setting: str) -> None:
     assert f"{setting}: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values)) in message, message
     assert ("do not shard it yourself" if setting == "dataset size" else "same max_grad_norm") in message, message
     named = re.findall(r"^- ([^:]+):", message, flags=re.MULTILINE)  # only what differs, in a fixed order
-    assert named == (["dataset size", "sample_rate", "expected batch size"] if setting == "dataset size" else [setting])
+    assert named == (["dataset size", "dataset contents", "sample_rate", "expected batch size"]
+                     if setting == "dataset size" else [setting])
     assert torch.equal(_flat(model), before)
 
 

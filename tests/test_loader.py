@@ -8,13 +8,12 @@ The reference logical batches come from a PoissonBatchSampler with the same seed
 from __future__ import annotations
 
 import math
-import multiprocessing
-import os
 import pickle
 from typing import Any
 
 import pytest
 import torch
+from forked_ranks import run_ranks
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -358,7 +357,8 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, queue: Any) 
     torch.manual_seed(rank)  # only the broadcast of rank 0's seed can make the ranks agree
     try:
         base = DataLoader(IndexDataset(30), batch_size=3)
-        shared = DPDataLoader.from_data_loader(base, sample_rate=0.1, max_physical_batch_size=2, distributed=True)
+        # q = 0.05: 20 steps, each with P ≈ 0.55 that one rank's part is empty (none in 20: about 1e-7)
+        shared = DPDataLoader.from_data_loader(base, sample_rate=0.05, max_physical_batch_size=2, distributed=True)
         info = shared.context  # sent as plain tuples: tensors would need this process alive when unpickled
         plain = [(idx.tolist(), (info.current.num_real, info.current.index, info.current.is_last, info.current.step))
                  for _, idx in shared]
@@ -376,22 +376,13 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, queue: Any) 
 
 def test_distributed_ranks_split_one_global_sample(tmp_path: Any) -> None:
     """Two gloo ranks: disjoint parts, union = the global sample of rank 0's shared seed, same physical batch count."""
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    init_file = os.path.join(tmp_path, "init")
-    processes = [context.Process(target=_distributed_worker, args=(r, 2, init_file, queue)) for r in range(2)]
-    for p in processes:
-        p.start()
-    results = {r: rest for r, *rest in (queue.get(timeout=60) for _ in processes)}
-    for p in processes:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_ranks(_distributed_worker, tmp_path)
     (plain0, secure0, mismatch0), (plain1, secure1, mismatch1) = results[0], results[1]
     plain0, plain1 = ([(rows, PhysicalBatchInfo(None, *fields)) for rows, fields in plain] for plain in (plain0, plain1))
     assert mismatch0 and "same seed" in mismatch0 and mismatch1
     assert [info.index for _, info in plain0] == [info.index for _, info in plain1]  # same count per step
     logical0, logical1 = _logical_batches(plain0), _logical_batches(plain1)
-    assert len(logical0) == len(logical1) == 10
+    assert len(logical0) == len(logical1) == 20
     assert any(not part for part in logical0 + logical1)
     for part0, part1 in zip(logical0, logical1):
         assert not set(part0) & set(part1) and 0 <= len(part0) - len(part1) <= 1

@@ -1,27 +1,46 @@
 """A DataLoader that draws Poisson logical batches and hands them out as physical batches with masks.
 
 Each logical batch (one DP-SGD step) is cut into physical batches of at most P rows; with padding, every physical
-batch has exactly P rows, the missing ones being masked copies of a real example, so that kernels, CUDA graphs and
-``torch.compile`` see a single shape. Before yielding a physical batch the loader publishes its
-:class:`PhysicalBatchInfo` (mask, ``is_last``) into a :class:`BatchContext`; the training side reads it there.
+batch has exactly P rows, the missing ones being masked copies of a real example appended after the user's
+collate_fn has run on the real ones, so that kernels, CUDA graphs and ``torch.compile`` see a single shape. Before
+yielding a physical batch the loader publishes its :class:`PhysicalBatchInfo` (mask, ``is_last``) into a
+:class:`BatchContext`; the training side reads it there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    get_worker_info,
+)
 from torch.utils.data.dataloader import default_collate
 
 from .context import BatchContext, PhysicalBatchInfo
 from .sampler import DistributedPoissonBatchSampler, Draw, PoissonBatchSampler, _seed_from_global_rng
 
+_FOREIGN_ITERATION_ERROR = (
+    "{action} was called while the Poisson sampler is being iterated by something other than this DPDataLoader's "
+    "own iteration (Opacus' BatchMemoryManager, or a DataLoader built on its batch_sampler): the sampler may be "
+    "ahead of the batch being trained (workers prefetch), so a run resumed from this state would skip batches and "
+    "reuse noise. Save or load outside that loop (after the epoch), or iterate the DPDataLoader itself, made with "
+    "max_physical_batch_size=P instead of BatchMemoryManager"
+)
 _ITERABLE_ERROR = (
     "an IterableDataset cannot be Poisson-sampled (each step needs random access to any example); "
     "wrap the data in a map-style Dataset with __getitem__ and __len__"
@@ -43,12 +62,13 @@ Plan = tuple[list[int], PhysicalBatchInfo]
 
 
 def plan_physical_batches(draw: Draw, max_size: int | None, pad: bool, step: int) -> list[Plan]:
-    """Cut one logical batch into physical batches: the dataset indices of each one's rows and its info.
+    """Cut one logical batch into physical batches: the dataset indices of each one's real rows and its info.
 
     Without ``max_size`` the logical batch is one physical batch. With ``max_size`` = P it is cut into consecutive
     chunks of P, ceil(largest_part / P) of them and at least one, so every rank runs the same number of physical
-    batches per step. With ``pad``, chunks shorter than P are filled with masked copies of a real example (index 0
-    when the rank has none); masks are None when every row is real.
+    batches per step. With ``pad``, a chunk shorter than P gets the mask of P rows whose first ``len(chunk)`` are
+    real: :class:`PhysicalBatchCollate` appends the padding rows after collating the real ones. Masks are None when
+    every row is real.
     """
     indices = draw.indices
     if max_size is None:
@@ -58,15 +78,11 @@ def plan_physical_batches(draw: Draw, max_size: int | None, pad: bool, step: int
         chunks = [indices[i * max_size : (i + 1) * max_size] for i in range(count)]
     plans = []
     for position, chunk in enumerate(chunks):
-        rows, mask = list(chunk), None
-        if pad and len(chunk) < max_size:
-            filler = chunk[0] if chunk else (indices[0] if indices else 0)
-            rows += [filler] * (max_size - len(chunk))
-            mask = torch.arange(max_size) < len(chunk)
+        mask = torch.arange(max_size) < len(chunk) if pad and len(chunk) < max_size else None
         info = PhysicalBatchInfo(
             mask=mask, num_real=len(chunk), index=position, is_last=position == len(chunks) - 1, step=step
         )
-        plans.append((rows, info))
+        plans.append((list(chunk), info))
     return plans
 
 
@@ -80,7 +96,7 @@ class PhysicalBatchSampler(Sampler[list[int]]):
     number of workers and the prefetching.
 
     Without a physical batch size this sampler yields the logical batches themselves, so Opacus'
-    ``BatchMemoryManager`` can wrap it. With one it refuses to run outside its loader: its padding rows and
+    ``BatchMemoryManager`` can wrap it. With one it refuses to run outside its loader: its padded batches and
     logical-batch boundaries are only safe when the published masks are read.
     """
 
@@ -120,9 +136,11 @@ class PhysicalBatchSampler(Sampler[list[int]]):
 class DPDataLoader(DataLoader):
     """Poisson-sampled DataLoader that yields physical batches and publishes a :class:`PhysicalBatchInfo` for each.
 
-    Build it with :meth:`from_data_loader`. Batches are exactly what the user's ``collate_fn`` makes of the rows.
-    An empty logical batch still yields one batch (``is_last=True``): with padding, P fully masked rows; without,
-    a batch with zero rows and the structure, dtypes and trailing shapes of a normal one.
+    Build it with :meth:`from_data_loader`. Batches are what the user's ``collate_fn`` makes of the real rows; with
+    padding, copies of the first collated row are then appended along the batch dimension up to P rows (the mask
+    marks the first ``num_real`` rows as real, whatever order the collate_fn put the examples in). An empty logical
+    batch still yields one batch (``is_last=True``): with padding, P fully masked rows (copies of example 0);
+    without, a batch with zero rows and the structure, dtypes and trailing shapes of a normal one.
 
     Attributes:
         sample_rate: Poisson inclusion probability q.
@@ -162,6 +180,7 @@ class DPDataLoader(DataLoader):
         if unknown:
             raise TypeError(f"unsupported DataLoader options {sorted(unknown)}: the Poisson sampler forms the batches")
         pad = _resolve_pad(pad, max_physical_batch_size)
+        pad_to = max_physical_batch_size if pad else None
         logical = _poisson_sampler(len(dataset), sample_rate, steps, generator, secure_mode, distributed)
         self.sample_rate = logical.sample_rate
         self.expected_batch_size = len(dataset) * logical.sample_rate
@@ -169,11 +188,11 @@ class DPDataLoader(DataLoader):
         self.pad = pad
         self.context = context if context is not None else BatchContext()
         self._iteration: object | None = None  # token of the active iteration
-        self._resume_state: dict[str, Any] | None = None  # where a run that stops now resumes; None: the sampler's
+        self._resume_state: dict[str, Any] | None = None  # during an iteration: where a run that stops now resumes
         super().__init__(
             dataset,
             batch_sampler=PhysicalBatchSampler(logical, max_physical_batch_size, pad),
-            collate_fn=EmptyBatchCollate(collate_fn if collate_fn is not None else default_collate, dataset),
+            collate_fn=PhysicalBatchCollate(default_collate if collate_fn is None else collate_fn, dataset, pad_to),
             generator=worker_generator,
             **dataloader_options,
         )
@@ -191,7 +210,10 @@ class DPDataLoader(DataLoader):
         context: BatchContext | None = None,
         distributed: bool = False,
     ) -> DPDataLoader:
-        """A Poisson-sampled loader over ``data_loader``'s dataset, keeping its collate_fn and worker settings.
+        """A Poisson-sampled loader over ``data_loader``'s whole dataset, keeping its collate_fn and worker settings.
+
+        The loader's sampler is not kept (it warns when that sampler is not a plain sequential, random or
+        distributed one): each step samples every example of the dataset with probability q.
 
         Args:
             data_loader: the user's loader (map-style dataset); it is left untouched.
@@ -199,7 +221,7 @@ class DPDataLoader(DataLoader):
                 the original batch size; with a DistributedSampler, about the global batch).
             max_physical_batch_size: P; cut each logical batch into physical batches of at most P rows.
             pad: pad every physical batch to exactly P rows with masked copies of a real example (default: pad
-                iff P is given).
+                iff P is given); the collate_fn's output must then have a clear batch dimension (else it raises).
             generator: CPU generator of the Poisson draws (default: seeded from torch's global RNG; with
                 ``distributed``, rank 0's seed is shared, and a given generator must be in the same state on
                 every rank, which is checked).
@@ -212,8 +234,9 @@ class DPDataLoader(DataLoader):
             raise TypeError(_ITERABLE_ERROR)
         if data_loader.batch_sampler is None:
             raise ValueError("the loader yields single examples (batch_size=None): give it a batch_size")
+        _warn_if_sampler_is_ignored(data_loader)
         collate_fn = data_loader.collate_fn
-        if isinstance(collate_fn, EmptyBatchCollate):
+        if isinstance(collate_fn, PhysicalBatchCollate):
             collate_fn = collate_fn.collate_fn
         options = {name: getattr(data_loader, name) for name in _DATALOADER_OPTIONS}
         return cls(
@@ -236,10 +259,17 @@ class DPDataLoader(DataLoader):
         return self.batch_sampler.logical.steps
 
     def __iter__(self) -> Iterator[Any]:
-        """Yield the physical batches, publishing each one's info into ``context`` first (None at the end)."""
+        """Yield the physical batches, publishing each one's info into ``context`` first (None at the end).
+
+        An iteration left midway (``break``, or a new iteration started) rewinds the sampler to the start of the
+        logical batch it was in, also when workers had drawn batches ahead: the next iteration draws that logical
+        batch again and then the rest of the epoch, as a run resumed from :meth:`state_dict` would.
+        """
+        if self._iteration is not None:
+            self._leave()  # a new iteration abandons the previous one
         token, plans = object(), deque()
         self._iteration = token
-        self.context.publish(None)  # a new iteration: batches an abandoned iterator handed out are no longer current
+        self.context.publish(None)  # batches an abandoned iterator handed out are no longer current
         sampler = self.batch_sampler
         self._resume_state = sampler.logical.state_dict()
         sampler.sink = plans
@@ -250,47 +280,69 @@ class DPDataLoader(DataLoader):
                 yield batch
         finally:
             if self._iteration is token:
-                self._iteration = None
-                sampler.sink = None
-                sampler.logical.release()
-                self.context.publish(None)
+                self._leave()
+
+    def _leave(self) -> None:
+        """End this loader's iteration: rewind the sampler to where a run stopped now resumes, clear the context."""
+        sampler = self.batch_sampler
+        sampler.sink = None
+        sampler.logical.release()
+        sampler.logical.load_state_dict(self._resume_state)
+        self._iteration = self._resume_state = None
+        self.context.publish(None)
 
     def state_dict(self) -> dict[str, Any]:
         """Where the batches yielded so far leave the run, also after the loop was left early (break, return).
 
         A loader that loads it (:meth:`load_state_dict`) yields, at its next iteration, the batches that followed
         the last completed logical batch: a logical batch interrupted midway is drawn again from its start (its
-        partial gradient sum is not part of any checkpoint). Iterating *this* loader again without loading
-        starts a new epoch instead, like any DataLoader.
+        partial gradient sum is not part of any checkpoint), and so does this loader's own next iteration.
+
+        Raises while the sampler is iterated by something other than this loader's own iteration (Opacus'
+        ``BatchMemoryManager``, a DataLoader built on ``batch_sampler``): its position may be ahead of the trained
+        batch (prefetching), so a resumed run would skip batches and reuse noise.
         """
-        state = self._resume_state
-        return {"sampler": state if state is not None else self.batch_sampler.logical.state_dict()}
+        logical = self.batch_sampler.logical
+        if self._iteration is None and logical.iterating:
+            raise RuntimeError(_FOREIGN_ITERATION_ERROR.format(action="state_dict (save_checkpoint)"))
+        return {"sampler": self._resume_state if self._iteration is not None else logical.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` at the next iteration (call it outside the loop)."""
         if self._iteration is not None:
             raise RuntimeError("load_state_dict was called during an iteration: call it before the next epoch's loop")
+        if self.batch_sampler.logical.iterating:
+            raise RuntimeError(_FOREIGN_ITERATION_ERROR.format(action="load_state_dict (load_checkpoint)"))
         self.batch_sampler.logical.load_state_dict(state["sampler"])
-        self._resume_state = None
 
 
-class EmptyBatchCollate:
-    """Wraps a collate_fn so that an empty list of examples gives a zero-row batch shaped like a real one.
+class PhysicalBatchCollate:
+    """Wraps a collate_fn: collates the real examples, then pads the batch to ``pad_to`` rows or makes it empty.
 
-    The template is the collate of example 0 and of two copies of it: whatever grows from 1 to 2 is the batch
-    dimension and is cut to length 0 (tensor and array dimensions, per-example lists); everything else is kept.
-    No model runs. Opacus' ``BatchMemoryManager`` also relies on this, since it yields ``[]`` for empty batches.
+    Padding rows are appended AFTER the user's collate_fn, as copies of the collated batch's first row, so that a
+    collate_fn that reorders the examples (sorting by length, say) cannot move padding rows among the real ones:
+    the mask, a prefix of real rows, always marks each real example once. The batch dimension of each tensor, array
+    and per-example list is the one that grows from the collate of one example to that of two copies of it; a
+    structure without a clear one raises (see :func:`_pad_rows`). An empty list of examples gives, with
+    ``pad_to``, ``pad_to`` copies of example 0; without, a zero-row batch shaped like a real one (the template is
+    example 0 collated once and twice: whatever grows from 1 to 2 is cut to length 0). No model runs. Opacus'
+    ``BatchMemoryManager`` also relies on the empty batch, since it yields ``[]`` for empty batches.
     """
 
-    def __init__(self, collate_fn: Callable[[list[Any]], Any], dataset: Dataset) -> None:
+    def __init__(self, collate_fn: Callable[[list[Any]], Any], dataset: Dataset, pad_to: int | None = None) -> None:
         self.collate_fn = collate_fn
         self.dataset: Dataset | None = dataset
+        self.pad_to = pad_to
 
     def __call__(self, examples: list[Any]) -> Any:
-        if len(examples) > 0:
+        if examples and (self.pad_to is None or len(examples) == self.pad_to):
             return self.collate_fn(examples)
-        example = self._dataset()[0]
-        return _zero_rows(self.collate_fn([example]), self.collate_fn([example, example]))
+        template = examples[0] if examples else self._dataset()[0]
+        one, two = self.collate_fn([template]), self.collate_fn([template, template])
+        if self.pad_to is None:
+            return _zero_rows(one, two)
+        batch = self.collate_fn(examples) if examples else one
+        return _pad_rows(batch, one, two, max(len(examples), 1), self.pad_to, "batch")
 
     def __getstate__(self) -> dict[str, Any]:
         # Worker processes get the dataset anyway (from get_worker_info()); do not pickle a second copy.
@@ -305,10 +357,15 @@ class EmptyBatchCollate:
         return worker.dataset
 
 
+def _growing_dims(one: tuple[int, ...], two: tuple[int, ...]) -> list[int]:
+    """The dimensions of size 1 in ``one`` (shape of 1 example collated) and 2 in ``two`` (2 examples collated)."""
+    return [d for d, (a, b) in enumerate(zip(one, two)) if (a, b) == (1, 2)]
+
+
 def _zero_rows(one: Any, two: Any) -> Any:
     """``one`` (a collated batch of 1 example) cut to zero rows, given ``two`` (the same example collated twice)."""
     if isinstance(one, (torch.Tensor, np.ndarray)):
-        growing = [d for d, (a, b) in enumerate(zip(one.shape, two.shape)) if (a, b) == (1, 2)]
+        growing = _growing_dims(one.shape, two.shape)
         return one if not growing else one[(slice(None),) * growing[0] + (slice(0, 0),)]
     if isinstance(one, Mapping):
         items = {key: _zero_rows(one[key], two[key]) for key in one}
@@ -319,6 +376,83 @@ def _zero_rows(one: Any, two: Any) -> Any:
         items = [_zero_rows(a, b) for a, b in zip(one, two)]
         return type(one)(*items) if hasattr(one, "_fields") else type(one)(items)
     return one
+
+
+def _pad_rows(batch: Any, one: Any, two: Any, rows: int, size: int, where: str) -> Any:
+    """``batch`` (``rows`` examples collated) with copies of its first row appended up to ``size`` rows.
+
+    ``one`` and ``two`` are one example collated once and twice: a part of the batch is per example where it grows
+    from one to two (a tensor or array dimension from 1 to 2, a list from 1 to 2 items), and is kept as it is where
+    it does not change. Anything else (two growing dimensions, a batch dimension whose length is not ``rows``, a
+    number that changes, e.g. a count of rows or packed tokens) cannot be padded safely and raises; ``where`` names
+    the part in that error.
+    """
+    if not (type(batch) is type(one) is type(two)):
+        raise _unpaddable(where, f"{type(one).__name__} for 1 example, {type(two).__name__} for 2")
+    if isinstance(batch, (torch.Tensor, np.ndarray)):
+        if tuple(one.shape) == tuple(two.shape):
+            return batch
+        growing = _growing_dims(one.shape, two.shape)
+        changed = [d for d, (a, b) in enumerate(zip(one.shape, two.shape)) if a != b]
+        if len(growing) != 1 or changed != growing or one.ndim != batch.ndim or batch.shape[growing[0]] != rows:
+            shapes = f"shapes {tuple(one.shape)}, {tuple(two.shape)}, {tuple(batch.shape)} for 1, 2, {rows} examples"
+            raise _unpaddable(where, shapes)
+        order = [*range(rows), *[0] * (size - rows)]
+        if isinstance(batch, np.ndarray):
+            return np.take(batch, order, axis=growing[0])
+        return batch.index_select(growing[0], torch.tensor(order, device=batch.device))
+    if isinstance(batch, Mapping):
+        if not set(batch) == set(one) == set(two):
+            raise _unpaddable(where, "its keys depend on the examples")
+        items = {key: _pad_rows(batch[key], one[key], two[key], rows, size, f"{where}[{key!r}]") for key in batch}
+        return items if type(batch) is dict else type(batch)(items)
+    if isinstance(batch, (list, tuple)):
+        if len(one) == len(two) == len(batch):
+            items = [_pad_rows(*parts, rows, size, f"{where}[{i}]") for i, parts in enumerate(zip(batch, one, two))]
+            return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+        if (len(one), len(two), len(batch)) == (1, 2, rows) and not hasattr(batch, "_fields"):
+            return type(batch)([*batch, *[batch[0]] * (size - rows)])
+        raise _unpaddable(where, f"{len(one)} items for 1 example, {len(two)} for 2, {len(batch)} for {rows}")
+    if not _equal(one, two):
+        raise _unpaddable(where, f"{one!r} for 1 example, {two!r} for 2")
+    return batch
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """``a == b`` as a bool; False where the comparison fails or is not a truth value."""
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
+def _unpaddable(where: str, detail: str) -> ValueError:
+    """The error for a collated batch whose padding rows could not be told from its real rows."""
+    return ValueError(
+        f"cannot pad this physical batch safely: the collate_fn's output {where} has no clear batch dimension "
+        f"({detail}), so padding rows could mix with real ones. Pass pad_physical_batches=False to "
+        "make_private_fast (pad=False to DPDataLoader): the last physical batch of each logical batch is then "
+        "shorter instead of padded"
+    )
+
+
+def _warn_if_sampler_is_ignored(data_loader: DataLoader) -> None:
+    """Warn when ``data_loader`` draws from its dataset with a sampler that the Poisson loader will not use."""
+    batch_sampler = data_loader.batch_sampler
+    if isinstance(batch_sampler, PhysicalBatchSampler):
+        return
+    sampler = getattr(batch_sampler, "sampler", None)
+    if type(batch_sampler) is BatchSampler and (
+        type(sampler) in (SequentialSampler, RandomSampler) or isinstance(sampler, DistributedSampler)
+    ):
+        return
+    warnings.warn(
+        f"the data loader's sampler ({type(batch_sampler if sampler is None else sampler).__name__}) is ignored: the Poisson loader "
+        "samples every example of the WHOLE dataset with probability q at each step, so examples that your sampler "
+        "would never draw (a held-out split, say) are trained on, and weights are lost. To train on part of a "
+        "dataset, pass a DataLoader over torch.utils.data.Subset(dataset, indices) instead",
+        stacklevel=3,
+    )
 
 
 def _resolve_pad(pad: bool | None, max_physical_batch_size: int | None) -> bool:

@@ -14,6 +14,8 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import Sampler
 
+_WORD_BITS = 62  # width of the random words that _uniform_below reduces to an index
+
 
 class Draw(NamedTuple):
     """One logical step as seen by one rank.
@@ -44,22 +46,57 @@ def _binomial(count: int, prob: float, generator: torch.Generator) -> int:
 
 
 def _uniform_subset(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    """A uniformly random k-subset of ``range(n)``, sorted, in O(k log k) expected time when k <= n / 2.
+    """A uniformly random k-subset of ``range(n)``, sorted, in O(k log k) expected time.
 
-    Draws i.i.d. uniform indices, each round as many as distinct values are still missing, until k distinct
+    When k > n / 2 it is the complement of a uniform (n - k)-subset, which is uniform too, in O(n) = O(k); unlike
+    ``torch.randperm``, whose exactness depends on how it reduces random words to ranges, every draw then goes
+    through the exact :func:`_uniform_below`.
+    """
+    if 2 * k > n:
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[_small_uniform_subset(n, n - k, generator)] = False
+        return keep.nonzero().flatten()
+    return _small_uniform_subset(n, k, generator)
+
+
+def _small_uniform_subset(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly random k-subset of ``range(n)``, sorted, for k <= n / 2.
+
+    Draws i.i.d. uniform indices, each round at most as many as distinct values are still missing, until k distinct
     values have been seen (a round adds at most as many new values as it draws, so it never overshoots). That set
     is the first k distinct values of an i.i.d. sequence; the sequence's law is unchanged by any relabelling of
     ``range(n)``, so every k-subset is equally likely. With k <= n / 2 at least half of each round is new in
-    expectation, so the rounds shrink geometrically. When k > n / 2 a random permutation costs O(n) = O(k).
+    expectation, so the rounds shrink geometrically.
     """
-    if 2 * k > n:
-        return torch.sort(torch.randperm(n, generator=generator)[:k]).values
-    draws = torch.randint(n, (k,), generator=generator)
+    draws = _uniform_below(n, k, generator)
     distinct = torch.unique(draws)
     while distinct.numel() < k:
-        draws = torch.cat([draws, torch.randint(n, (k - distinct.numel(),), generator=generator)])
+        draws = torch.cat([draws, _uniform_below(n, k - distinct.numel(), generator)])
         distinct = torch.unique(draws)
     return distinct
+
+
+def _uniform_below(n: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """At most ``count`` i.i.d. draws from ``range(n)``, each exactly uniform (fewer when words are rejected).
+
+    ``torch.randint(n)`` reduces a 32-bit word modulo n when n < 2**28, which favours the values below 2**32 mod n
+    (by up to 6 % near n = 2**28). ``torch.randint(2**62)`` reduces a uniform 64-bit word modulo a power of two,
+    so its words are exactly uniform; :func:`_accept_below` maps them to ``range(n)`` without bias and rejects a
+    word with probability below n / 2**62.
+    """
+    return _accept_below(torch.randint(2**_WORD_BITS, (count,), generator=generator), n, _WORD_BITS)
+
+
+def _accept_below(words: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """``words mod n``, keeping only the words below the largest multiple of n that is at most 2**bits.
+
+    Each value of ``range(n)`` is the remainder of exactly 2**bits // n of the kept words, so uniform words in
+    ``range(2**bits)`` give exactly uniform values.
+    """
+    limit = (2**bits // n) * n
+    if words.numel() > 0 and int(words.max()) >= limit:  # rare for n << 2**bits: skip the costly selection
+        words = words[words < limit]
+    return words % n
 
 
 def _os_seed() -> int:
@@ -162,6 +199,11 @@ class PoissonBatchSampler(Sampler[list[int]]):
         finally:
             if self._active is token:
                 self._active = None
+
+    @property
+    def iterating(self) -> bool:
+        """Whether an iteration is under way (started, and neither finished nor released)."""
+        return self._active is not None
 
     def release(self) -> None:
         """Forget an abandoned iteration (e.g. left by ``break``); the next one starts a new epoch.
