@@ -8,6 +8,7 @@ engine computes every example's gradient norm, the clip factors, and adds ``sum_
 
 from __future__ import annotations
 
+import types
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,10 +16,21 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_leaves
 
 from .clipping import ClipBound, has_pending_sums
-from .data.context import BatchContext
-from .grad_sample import LayerRule, find_rule, find_unit, run_per_example, scratch_space, sq_norm, weighted_sum
+from .data.context import BatchContext, PhysicalBatchInfo
+from .grad_sample import (
+    LayerRule,
+    find_rule,
+    find_unit,
+    foreign_leaves,
+    run_per_example,
+    scratch_space,
+    sq_norm,
+    weighted_sum,
+)
 
 Tensor = torch.Tensor
 _MIXING = (nn.modules.batchnorm._BatchNorm,)
@@ -92,9 +104,13 @@ class _UnitCapture(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, engine: BKEngine, site: Site, kwargs: dict, n_inputs: int, *tensors: Tensor) -> Tensor:
-        method = getattr(type(site.module), site.method).__get__(site.module)
         with torch.enable_grad():
-            out, leaves, copies = run_per_example(site.module, method, list(site.params), tensors[:n_inputs], kwargs)
+            out, leaves, copies = run_per_example(
+                site.module, _batch_first_method(site), list(site.params), tensors[:n_inputs], kwargs
+            )
+        foreign = foreign_leaves(out, leaves + copies)
+        if foreign:
+            raise _hidden_input_error(site, foreign, engine.model)
         ctx.engine, ctx.site, ctx.graph = engine, site, (out, leaves, copies)
         return out.detach()
 
@@ -132,26 +148,126 @@ def _describe(name: str, module: nn.Module) -> str:
     return f"'{name or '<root>'}' ({type(module).__name__})"
 
 
+def _describe_unit(site: Site) -> str:
+    return f"{_describe(site.module_name, site.module)}.{site.method}"
+
+
+def _batch_first_method(site: Site) -> Callable[..., Tensor]:
+    """The unit's own class method, refusing a result that is not one tensor with the input's batch rows: one
+    example's call of a unit that mixes examples (e.g. with a whole-batch tensor it holds) returns other rows."""
+    method = getattr(type(site.module), site.method).__get__(site.module)
+
+    def run(*inputs: Tensor, **kwargs: Any) -> Tensor:
+        out = method(*inputs, **kwargs)
+        if not isinstance(out, Tensor):
+            raise UnsupportedModuleError(
+                f"{_describe_unit(site)} returns {type(out).__name__}, not a tensor: opacus_fast captures units that "
+                "return one batch-first tensor; split the module so that each part returns one tensor"
+            )
+        if out.dim() == 0 or out.shape[0] != inputs[0].shape[0]:
+            raise UnsupportedModuleError(
+                f"{_describe_unit(site)}, run on one example ({inputs[0].shape[0]} row), returns shape "
+                f"{tuple(out.shape)}: its output must have the input's rows as dim 0 (batch first), and an example "
+                "must not see other examples (e.g. a whole-batch tensor held by the module)"
+            )
+        return out
+
+    return run
+
+
+def _hidden_input_error(site: Site, foreign: list[Tensor], model: nn.Module) -> UnsupportedModuleError:
+    """The error for a unit whose output depends on tensors that require grad but are not its inputs."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    known = ", ".join(f"'{names[id(t)]}'" for t in foreign if id(t) in names)
+    what = f"parameter(s) {known}" if known else "a tensor that requires grad"
+    return UnsupportedModuleError(
+        f"{_describe_unit(site)} uses {what} that is neither one of its own parameters nor a positional input (e.g. "
+        "another module's parameter reached through an unregistered reference, or a weight computed by a forward "
+        "pre-hook): the unit runs per example inside a capture that would drop that gradient path. Use a parameter "
+        "only in modules that register it (tie weights by assignment, e.g. decoder.weight = embedding.weight), and "
+        "pass per-example tensors positionally (batch first)"
+    )
+
+
+def _viewed(t: Tensor) -> Tensor:
+    """The tensor whose memory ``t`` views (``t`` itself if it is not a view)."""
+    return t if t._base is None else t._base
+
+
+def _rows(info: PhysicalBatchInfo) -> int:
+    """Rows of a physical batch as the model sees it (padding rows included)."""
+    return info.num_real if info.mask is None else info.mask.shape[0]
+
+
+def _refusal(module: nn.Module) -> str | None:
+    """Why ``module`` (and all inside it) cannot be captured, whatever rule or unit would apply (None if it can)."""
+    if isinstance(module, _MIXING):
+        return (
+            "mixes examples within a batch (batch statistics), so per-example gradients do not exist; replace it, "
+            "e.g. with opacus.validators.ModuleValidator.fix(model) (BatchNorm → GroupNorm)"
+            + ("" if type(module).__module__.startswith("torch.") else "; that converts torch's own BatchNorm "
+               "classes only, so replace this subclass by hand (e.g. by a GroupNorm followed by its activation)")
+        )
+    if isinstance(module, nn.RNNBase) and _trainable(module):
+        return (
+            "runs a fused recurrent kernel that cannot be run per example (vmap has no batching rule for it); use "
+            "Opacus' drop-in replacements from opacus.layers (DPLSTM, DPGRU, DPRNN), built from Linear layers: "
+            "opacus.validators.ModuleValidator.fix(model) converts nn.LSTM and nn.GRU, replace nn.RNN by DPRNN by hand"
+        )
+    if parametrize.is_parametrized(module) and _trainable(module.parametrizations):
+        return (
+            "is parametrized (torch.nn.utils.parametrize, e.g. torch.nn.utils.parametrizations.weight_norm or "
+            "spectral_norm): its weights are computed outside the layer, so their per-example gradients cannot be "
+            "isolated; remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations) or freeze it"
+        )
+    return None
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _own_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
+    """``module``'s own trainable parameters, less aliases of its children's (e.g. Opacus' DPLSTM registers its
+    cells' weights under nn.LSTM's names): those are captured where they are used, in the child."""
+    own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    if own:
+        children = {id(p) for child in module.children() for p in child.parameters()}
+        own = {n: p for n, p in own.items() if id(p) not in children}
+    return own
+
+
+def _unknown_params(rule: LayerRule, own: dict[str, nn.Parameter]) -> str | None:
+    """Why a rule layer cannot be captured if it has trainable parameters its rule does not compute (None if not)."""
+    unknown = sorted(set(own) - set(rule.params))
+    if not unknown:
+        return None
+    return (
+        f"has trainable parameters its rule does not know ({', '.join(unknown)}), e.g. from an old-style "
+        "torch.nn.utils.weight_norm (weight_g, weight_v) or spectral_norm (weight_orig); remove that "
+        "reparametrization (torch.nn.utils.remove_weight_norm / remove_spectral_norm) or the extra parameters"
+    )
+
+
 def plan_sites(model: nn.Module) -> list[Site]:
     """Decide how every trainable parameter is captured, or raise naming what cannot be handled exactly."""
     sites: list[Site] = []
     problems: list[str] = []
+    refused: set[int] = set()  # modules inside a refused one: reported with it
     for name, module in model.named_modules():
-        if isinstance(module, _MIXING):
-            problems.append(
-                f"{_describe(name, module)} mixes examples within a batch (batch statistics), so per-example "
-                "gradients do not exist; replace it, e.g. with opacus.validators.ModuleValidator.fix(model) "
-                "(BatchNorm → GroupNorm)" + ("" if type(module).__module__.startswith("torch.") else
-                "; that converts torch's own BatchNorm classes only, so replace this subclass by hand (e.g. by a "
-                "GroupNorm followed by its activation)")
-            )
+        if id(module) in refused:
             continue
-        own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+        reason = _refusal(module)
+        if reason:
+            problems.append(f"{_describe(name, module)} {reason}")
+            refused.update(id(m) for m in module.modules())
+            continue
+        own = _own_trainable(module)
         if not own:
             continue
         rule = find_rule(module)
         if rule is not None:
-            reason = rule.validate(module)
+            reason = rule.validate(module) or _unknown_params(rule, own)
             if reason:
                 problems.append(f"{_describe(name, module)}: {reason}")
             else:
@@ -226,8 +342,10 @@ class BKEngine:
     # ---- attaching -------------------------------------------------------------------------------------------
     def _attach(self) -> None:
         self._captured = frozenset(id(p) for site in self.sites for p in site.params.values())
+        #: the model's parameters and buffers: shared by all examples, so never a unit's (per-example) positional input
+        self._shared = frozenset(id(t) for t in (*self.model.parameters(), *self.model.buffers()))
         for site in self.sites:
-            setattr(site.module, site.method, self._make_call(site))
+            setattr(site.module, site.method, types.MethodType(self._make_call(site), site.module))
         owners = {id(p): f"{s.module_name}.{n}" if s.module_name else n for s in self.sites for n, p in s.params.items()}
         for site in self.sites:
             for p in site.params.values():
@@ -248,39 +366,100 @@ class BKEngine:
         self.sites = []
 
     def _make_call(self, site: Site) -> Callable:
-        engine = self
-        if site.rule is not None:
-            rule = site.rule
+        """The method installed on ``site.module``, bound to it so that ``copy.deepcopy`` (an EMA model,
+        ``AveragedModel``) rebinds it to the copy: a copy, and any call without gradients (evaluation,
+        ``torch.inference_mode``), run the class's own method; only grad-enabled calls of the original are captured."""
+        own = getattr(type(site.module), site.method)
+        capture = self._capture_layer(site) if site.rule is not None else self._capture_unit(site)
 
-            def call(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-                if args or kwargs:
-                    raise TypeError(f"{site.module_name}: opacus_fast captures single-input calls of this layer only")
-                engine.forget_failed_backward()
-                engine.note_forward()
-                return _LayerCapture.apply(engine, site, rule.prepare(site.module, x), engine.anchor)
+        def call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            if module is not site.module or not torch.is_grad_enabled():
+                return own(module, *args, **kwargs)
+            self.forget_failed_backward()
+            self.note_forward()
+            return capture(*args, **kwargs)
 
-            return call
+        return call
 
-        def call_unit(*inputs: Any, **kwargs: Any) -> Tensor:
-            if not inputs or not all(isinstance(x, Tensor) for x in inputs):
-                raise TypeError(
-                    f"{site.module_name}.{site.method}: opacus_fast needs tensor positional inputs (batch first); "
-                    "pass other arguments by keyword"
-                )
-            for k, v in kwargs.items():
-                if isinstance(v, Tensor) and v.requires_grad:
-                    raise TypeError(f"{site.module_name}.{site.method}: keyword input '{k}' requires grad")
-            engine.forget_failed_backward()
-            engine.note_forward()
+    def _capture_layer(self, site: Site) -> Callable[..., Tensor]:
+        rule = site.rule
+
+        def capture(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            if args or kwargs:
+                raise TypeError(f"{site.module_name}: opacus_fast captures single-input calls of this layer only")
+            return _LayerCapture.apply(self, site, rule.prepare(site.module, x), self.anchor)
+
+        return capture
+
+    def _capture_unit(self, site: Site) -> Callable[..., Tensor]:
+        def capture(*inputs: Any, **kwargs: Any) -> Tensor:
+            self._check_unit_call(site, inputs, kwargs)
             versions = [x._version for x in inputs]
-            out = _UnitCapture.apply(engine, site, kwargs, len(inputs), *inputs, engine.anchor)
+            out = _UnitCapture.apply(self, site, kwargs, len(inputs), *inputs, self.anchor)
             if [x._version for x in inputs] != versions:
                 raise UnsupportedModuleError(
                     f"{site.module_name}.{site.method} modifies its input in place; disable that (e.g. inplace=False)"
                 )
             return out
 
-        return call_unit
+        return capture
+
+    def _check_unit_call(self, site: Site, inputs: tuple, kwargs: dict) -> None:
+        """Refuse unit calls that running it one example at a time would get wrong: each positional tensor is cut
+        into examples along dim 0, keyword arguments are passed whole to every example."""
+        if not inputs or not all(isinstance(x, Tensor) and x.dim() > 0 for x in inputs):
+            raise TypeError(
+                f"{site.module_name}.{site.method}: opacus_fast needs tensor positional inputs (batch first); "
+                "pass other arguments by keyword"
+            )
+        problem = self._keyword_tensors(kwargs) or self._shared_inputs(inputs) or self._unbatched_inputs(inputs)
+        if problem:
+            raise UnsupportedModuleError(f"{_describe_unit(site)}: {problem}")
+
+    def _is_shared(self, t: Tensor) -> bool:
+        """Whether ``t`` is (a view of) one of the model's parameters or buffers: the same for all examples."""
+        return id(_viewed(t)) in self._shared
+
+    def _keyword_tensors(self, kwargs: dict[str, Any]) -> str | None:
+        """Why tensors in keyword arguments are wrong (None if there are none): every example's call gets them
+        whole, which is right only for the model's buffers (or frozen parameters), shared by all examples."""
+        held = [
+            k for k, v in kwargs.items()
+            if any(isinstance(t, Tensor) and (t.requires_grad or not self._is_shared(t)) for t in tree_leaves(v))
+        ]
+        if not held:
+            return None
+        return (
+            f"keyword argument(s) {', '.join(held)} hold tensors other than the model's buffers, which every "
+            "example's call would get whole (mixing examples, or losing their gradient). Pass per-example tensors "
+            "positionally (batch first); keep tensors shared by all examples in the model's buffers"
+        )
+
+    def _shared_inputs(self, inputs: tuple[Tensor, ...]) -> str | None:
+        """Why positional inputs that are the model's parameters or buffers are wrong (None if none is)."""
+        shared = [i for i, x in enumerate(inputs) if self._is_shared(x)]
+        if not shared:
+            return None
+        names = {id(t): n for n, t in (*self.model.named_parameters(), *self.model.named_buffers())}
+        which = ", ".join(f"{i} ('{names[id(_viewed(inputs[i]))]}')" for i in shared)
+        return (
+            f"positional input(s) {which} hold the model's parameters or buffers, shared by all examples, but each "
+            "positional tensor is cut into examples along dim 0. Pass such a buffer by keyword (every example "
+            "then gets it whole), or read it from this module's own buffers"
+        )
+
+    @staticmethod
+    def _unbatched_inputs(inputs: tuple[Tensor, ...]) -> str | None:
+        """Why positional inputs whose dim 0 differ are wrong (None if they agree). Whether that dim 0 is the
+        physical batch is checked at backward, for every layer alike (a forward without backward may see others)."""
+        rows = sorted({x.shape[0] for x in inputs})
+        if len(rows) == 1:
+            return None
+        return (
+            f"positional inputs with dim 0 of sizes {rows}; each is cut into examples along dim 0, so all must be "
+            "batch first. Pass tensors shared by all examples (e.g. a position table) as the model's buffers, by "
+            "keyword"
+        )
 
     @staticmethod
     def _leak_guard(name: str) -> Callable[[Tensor], None]:
@@ -307,9 +486,10 @@ class BKEngine:
             self._task, self._records = None, []
 
     def note_forward(self) -> None:
-        """Called from a capture's forward: note a forward pass that builds a graph, so that the optimizer can refuse
-        to release a logical batch none of whose backward passes produced clipped gradients."""
-        if self.context is not None and torch.is_grad_enabled():
+        """Called from a capture's forward (which runs with gradients enabled only): note a forward pass that builds
+        a graph, so that the optimizer can refuse to release a logical batch none of whose backward passes produced
+        clipped gradients."""
+        if self.context is not None:
             self.context.forward_since_release = True
 
     def record(self, rec: Record) -> None:
@@ -363,7 +543,7 @@ class BKEngine:
                 "at the start of each iteration (it discards them), or optimizer.step() after every physical batch"
             )
         self.context.mark_trained(info)
-        rows = info.num_real if info.mask is None else info.mask.shape[0]
+        rows = _rows(info)
         if rows != batch:
             raise RuntimeError(
                 f"the physical batch has {rows} rows but the model's layers saw {batch}: every layer input must have "
@@ -390,7 +570,7 @@ class BKEngine:
             return  # e.g. a GAN generator's step through a frozen private discriminator: nothing to clip
         mask = self._mask(batch)
         if self.context is not None:
-            self.context.clipped_since_release = True
+            self.context.clipped_since_release += 1
         if batch == 0:  # an empty (unpadded) logical batch: nothing to clip; the step is noise only
             return
         scale = float(batch) if self.loss_reduction == "mean" else 1.0

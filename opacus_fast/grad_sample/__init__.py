@@ -11,12 +11,13 @@ from .registry import (
     sq_norm,
     weighted_sum,
 )
-from .units import find_unit, register_unit, run_per_example
+from .units import find_unit, foreign_leaves, register_unit, run_per_example
 
 __all__ = [
     "LayerRule",
     "find_rule",
     "find_unit",
+    "foreign_leaves",
     "norm_dtype",
     "register_rule",
     "register_unit",

@@ -28,6 +28,8 @@ def _grads(layer: nn.Embedding, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor, T
 
 @register_rule(nn.Embedding)
 class EmbeddingRule(LayerRule):
+    params = ("weight",)
+
     def validate(self, layer: nn.Embedding) -> str | None:
         if layer.max_norm is not None:
             return "max_norm renormalises rows of the weight in place during forward; set max_norm=None"

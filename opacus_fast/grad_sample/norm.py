@@ -27,6 +27,14 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
 
 
+def _output(out: Tensor, x: Tensor) -> Tensor:
+    """The layer's output in the input's dtype, as torch returns it (a bfloat16 model's next layer needs bfloat16);
+    under autocast it stays in the compute dtype."""
+    if out.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
+        return out
+    return out.to(x.dtype)
+
+
 class _AffineNormRule(LayerRule):
     """Shared per-example logic; subclasses give x̂ and the dims a per-example gradient sums over."""
 
@@ -56,11 +64,11 @@ class _AffineNormRule(LayerRule):
 class LayerNormRule(_AffineNormRule):
     def forward(self, layer: nn.LayerNorm, x: Tensor) -> tuple[Tensor, Saved]:
         dtype = _compute_dtype(x)
-        x = x.to(dtype)
+        xc = x.to(dtype)
         out, mean, rstd = aten.native_layer_norm(
-            x, list(layer.normalized_shape), _cast(layer.weight, dtype), _cast(layer.bias, dtype), layer.eps
+            xc, list(layer.normalized_shape), _cast(layer.weight, dtype), _cast(layer.bias, dtype), layer.eps
         )
-        return out, (x, mean, rstd)
+        return _output(out, x), (xc, mean, rstd)
 
     def input_grad(self, layer: nn.LayerNorm, saved: Saved, g: Tensor) -> Tensor:
         x, mean, rstd = saved
@@ -81,10 +89,10 @@ class LayerNormRule(_AffineNormRule):
 class RMSNormRule(LayerNormRule):
     def forward(self, layer: nn.RMSNorm, x: Tensor) -> tuple[Tensor, Saved]:
         dtype = _compute_dtype(x)
-        x = x.to(dtype)
+        xc = x.to(dtype)
         eps = layer.eps if layer.eps is not None else torch.finfo(dtype).eps
-        out, rstd = aten._fused_rms_norm(x, list(layer.normalized_shape), _cast(layer.weight, dtype), eps)
-        return out, (x, rstd)
+        out, rstd = aten._fused_rms_norm(xc, list(layer.normalized_shape), _cast(layer.weight, dtype), eps)
+        return _output(out, x), (xc, rstd)
 
     def input_grad(self, layer: nn.RMSNorm, saved: Saved, g: Tensor) -> Tensor:
         """``r (g w) - x r^3 mean(g w x)`` over the normalised dims (no fused CPU backward exists)."""
@@ -106,13 +114,13 @@ class _GroupStatsRule(_AffineNormRule):
 
     def forward(self, layer: nn.Module, x: Tensor) -> tuple[Tensor, Saved]:
         dtype = _compute_dtype(x)
-        x = x.to(dtype)
+        xc = x.to(dtype)
         n, c = x.shape[:2]
         out, mean, rstd = aten.native_group_norm(
-            x, _cast(layer.weight, dtype), _cast(layer.bias, dtype), n, c, math.prod(x.shape[2:]), self.groups(layer),
+            xc, _cast(layer.weight, dtype), _cast(layer.bias, dtype), n, c, math.prod(x.shape[2:]), self.groups(layer),
             layer.eps,
         )
-        return out, (x, mean, rstd)
+        return _output(out, x), (xc, mean, rstd)
 
     def input_grad(self, layer: nn.Module, saved: Saved, g: Tensor) -> Tensor:
         x, mean, rstd = saved

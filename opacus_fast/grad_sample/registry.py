@@ -32,6 +32,8 @@ class LayerRule:
 
     #: methods of the layer class that must not be overridden by a subclass for this rule to apply
     checked_methods: tuple[str, ...] = ("forward",)
+    #: the layer's parameters that the rule computes gradients of (a layer with other trainable ones is refused)
+    params: tuple[str, ...] = ("weight", "bias")
     #: compute per-example gradients during backward instead of keeping (x, g) until its end (tiny parameters)
     eager: bool = False
 

@@ -83,3 +83,28 @@ def run_per_example(
             return method(*leaves, **kwargs), leaves, copies
     out = torch.func.vmap(one, randomness="different")(tuple(leaves), tuple(copies))
     return out, leaves, copies
+
+
+def foreign_leaves(out: Tensor, own: Sequence[Tensor]) -> list[Tensor]:
+    """The leaf tensors requiring grad that ``out``'s autograd graph reaches besides ``own``.
+
+    A unit's backward differentiates its output with respect to its input leaves and parameter copies only, so the
+    gradient through any other leaf (another module's parameter read through an unregistered reference, a weight
+    computed by a forward pre-hook) would be silently lost. The walk covers the unit's own graph, which starts at
+    those leaves, so it is as cheap as the unit is small.
+    """
+    allowed = {id(t) for t in own}
+    found: list[Tensor] = []
+    seen: set[object] = set()
+    stack = [out.grad_fn] if out.grad_fn is not None else []
+    while stack:
+        for node, _ in stack.pop().next_functions:
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            leaf = getattr(node, "variable", None)  # set on AccumulateGrad nodes only
+            if leaf is None:
+                stack.append(node)
+            elif id(leaf) not in allowed:
+                found.append(leaf)
+    return found
