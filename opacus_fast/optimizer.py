@@ -54,6 +54,8 @@ class FastDPOptimizer(DPOptimizer):
             secure_mode=secure_mode,
         )
         self.context = context
+        #: clipped backward passes counted at the last zero_grad(): those since then are this step's batches
+        self._clipped_at_zero_grad = 0
 
     @property
     def max_grad_norm(self) -> float:
@@ -70,8 +72,13 @@ class FastDPOptimizer(DPOptimizer):
 
     @property
     def accumulated_iterations(self) -> int:
-        """One optimizer step is always one logical batch (physical batches are not separate samples)."""
-        return 1
+        """Batches of the data loader summed into this step, as Opacus counts them (the accountant's rate and the
+        divisor of a mean scale with it): a Poisson logical batch is one, however many physical batches it was cut
+        into; with another loader every clipped backward pass since zero_grad() is one batch (gradient
+        accumulation)."""
+        if self.context is None or self.context.trained is not None:
+            return 1
+        return max(1, self.context.clipped_since_release - self._clipped_at_zero_grad)
 
     @property
     def grad_samples(self) -> list[torch.Tensor]:
@@ -102,11 +109,13 @@ class FastDPOptimizer(DPOptimizer):
         if self.context is not None:
             _check_clipped(self.context)
             self.context.released = self.context.trained
-            self.context.forward_since_release = self.context.clipped_since_release = False
         self.add_noise()
         self.scale_grad()
         if self.step_hook:
             self.step_hook(self)
+        if self.context is not None:
+            self.context.forward_since_release, self.context.clipped_since_release = False, 0
+        self._clipped_at_zero_grad = 0
         self._is_last_step_skipped = False
         return True
 
@@ -119,6 +128,7 @@ class FastDPOptimizer(DPOptimizer):
         trained physical batch from the loader (a plain loader, Opacus' BatchMemoryManager), Opacus' rule applies.
         """
         self._discard_abandoned()
+        self._clipped_at_zero_grad = self.context.clipped_since_release if self.context is not None else 0
         trained, current = self._infos()
         if not continues(trained, current):
             super().zero_grad(set_to_none)
@@ -154,7 +164,7 @@ class FastDPOptimizer(DPOptimizer):
     def scale_grad(self) -> None:
         if self.loss_reduction == "mean":
             for p in self.params:
-                p.grad /= self.expected_batch_size
+                p.grad /= self.expected_batch_size * self.accumulated_iterations
 
     def state_dict(self) -> dict:
         """The wrapped optimizer's state plus the noise generator's state (for an identical resumed run).
@@ -180,14 +190,22 @@ class FastDPOptimizer(DPOptimizer):
 
 
 def _check_clipped(context: BatchContext) -> None:
-    """Refuse to release a logical batch whose forward passes got no backward that clipped parameter gradients:
-    the step would add noise to nothing and train nothing, silently."""
-    if context.forward_since_release and not context.clipped_since_release:
+    """Refuse to release a logical batch that no backward pass clipped gradients for (as Opacus refuses a step
+    without per-sample gradients): the step would add noise to nothing, silently. An empty Poisson batch still gets
+    its forward and backward (on zero rows), so it passes."""
+    if context.clipped_since_release:
+        return
+    if context.forward_since_release:
         raise RuntimeError(
             "optimizer.step() found no clipped gradients: the model ran forward, but no backward pass since the last "
             "step computed its parameters' gradients (loss.backward(inputs=...) and torch.autograd.grad(...) "
             "compute no parameter gradients with opacus_fast). Call loss.backward() without inputs="
         )
+    raise RuntimeError(
+        "optimizer.step() found no clipped gradients: no backward pass ran since the last step (a second step() "
+        "for one batch, or step() before backward()). Run forward and loss.backward() on a batch before each "
+        "step(), empty batches included"
+    )
 
 
 def continues(trained: PhysicalBatchInfo | None, current: PhysicalBatchInfo | None) -> bool:

@@ -17,7 +17,7 @@ from .accounting import check_upper_bound, get_noise_multiplier
 from .clipping import ClipBound
 from .cpu_memory import keep_freed_memory
 from .data.context import BatchContext
-from .distributed import DistributedFastDPOptimizer, check_same_settings, unwrap_distributed
+from .distributed import DistributedFastDPOptimizer, check_same_settings, dataset_fingerprint, unwrap_distributed
 from .engine import BKEngine, plan_sites
 from .optimizer import FastDPOptimizer
 
@@ -123,6 +123,11 @@ class PrivacyEngine(opacus.PrivacyEngine):
 
     #: whether make_private_fast has set up training with this engine (checkpoints must then restore everything)
     _trains = False
+    #: whether that training draws Poisson batches (whose sampler state a resuming checkpoint must hold)
+    _poisson = False
+    #: whether a checkpoint restored privacy history before make_private_fast (whose fresh sampler and noise
+    #: generator would start over instead of resuming)
+    _restored = False
 
     def make_private_fast(
         self,
@@ -166,6 +171,13 @@ class PrivacyEngine(opacus.PrivacyEngine):
         """
         if noise_generator is not None and self.secure_mode:
             raise ValueError("Passing seed is prohibited in secure mode")
+        if self._restored and not self._trains:
+            raise ValueError(
+                "this PrivacyEngine loaded a checkpoint before make_private_fast: the new data loader and noise "
+                "generator would start over (seeded as in the original run) instead of resuming, replaying batches "
+                "and noise already used. Call make_private_fast first, then load_checkpoint(..., module=model, "
+                "optimizer=optimizer, data_loader=data_loader) with what it returned"
+            )
         check_upper_bound(self.accountant.mechanism())
         setup = unwrap_distributed(module, poisson_sampling=poisson_sampling)
         if setup is not None:
@@ -201,7 +213,8 @@ class PrivacyEngine(opacus.PrivacyEngine):
             rate, expected = 1 / len(data_loader), data_loader.batch_size
         if setup is not None:
             check_same_settings({
-                "dataset size": len(data_loader.dataset), "sample_rate": rate, "expected batch size": expected,
+                "dataset size": len(data_loader.dataset), "dataset contents": dataset_fingerprint(data_loader.dataset),
+                "sample_rate": rate, "expected batch size": expected,
                 "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm, "loss_reduction": loss_reduction,
             })
         if self.dataset is None:
@@ -210,17 +223,21 @@ class PrivacyEngine(opacus.PrivacyEngine):
         if keep_cpu_memory and any(p.device.type == "cpu" for p in params):
             keep_freed_memory()
         bound = ClipBound(max_grad_norm, params)
-        engine = BKEngine(module, bound=bound, loss_reduction=loss_reduction, context=context)
         optimizer_class = FastDPOptimizer if setup is None else DistributedFastDPOptimizer
         dp_optimizer = optimizer_class(
             optimizer, noise_multiplier=noise_multiplier, bound=bound, expected_batch_size=expected,
             loss_reduction=loss_reduction, generator=self.secure_rng if self.secure_mode else _noise_generator(noise_generator, params),
             secure_mode=self.secure_mode, context=context,
         )
-        if setup is not None:
-            setup.start(engine)
-        dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=rate))
-        self._trains = True
+        engine = BKEngine(module, bound=bound, loss_reduction=loss_reduction, context=context)
+        try:
+            if setup is not None:
+                setup.start(engine)
+            dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=rate))
+        except BaseException:
+            engine.detach()  # leave the user's model as it was
+            raise
+        self._trains, self._poisson = True, poisson_sampling
         return BKGradSampleModule(module, engine), dp_optimizer, loader
 
     def make_private_fast_with_epsilon(
@@ -277,6 +294,12 @@ class PrivacyEngine(opacus.PrivacyEngine):
                     "Save after optimizer.step() (e.g. at the end of the loop body) or outside the loop"
                 )
             checkpoint["data_loader_state_dict"] = data_loader.state_dict()
+        if self._trains and (optimizer is None or (self._poisson and data_loader is None)):
+            warnings.warn(
+                "this checkpoint holds no optimizer or data loader state, so training cannot resume from it (that "
+                "would replay noise or batches already used); pass optimizer= and data_loader= to save one that can",
+                stacklevel=2,
+            )
         super().save_checkpoint(path=path, module=module, optimizer=optimizer, checkpoint_dict=checkpoint, **kwargs)
 
     def load_checkpoint(self, *, path, module: nn.Module, optimizer=None, data_loader=None, **kwargs: Any) -> dict:
@@ -286,10 +309,13 @@ class PrivacyEngine(opacus.PrivacyEngine):
         restored if the checkpoint holds their state, before anything is loaded: a fresh sampler would redraw
         batches already used, a fresh noise generator replay noise already used on other batches.
         """
-        _check_restored(_peek(path, kwargs.get("torch_load_kwargs")), optimizer, data_loader, trains=self._trains)
+        needed = ("optimizer", "data_loader") if self._poisson else ("optimizer",)
+        _check_restored(_peek(path, kwargs.get("torch_load_kwargs")), optimizer, data_loader,
+                        needed=needed if self._trains else ())
         checkpoint = super().load_checkpoint(path=path, module=module, optimizer=optimizer, **kwargs)
         if data_loader is not None:
             data_loader.load_state_dict(checkpoint.pop("data_loader_state_dict"))
+        self._restored = self._restored or (not self._trains and len(self.accountant) > 0)
         return checkpoint
 
 
@@ -304,13 +330,25 @@ def _peek(path: Any, torch_load_kwargs: dict | None) -> dict:
     return torch.load(path, **{"mmap": True, **(torch_load_kwargs or {})})
 
 
-def _check_restored(checkpoint: dict, optimizer: Any, data_loader: Any, *, trains: bool) -> None:
-    """Refuse a checkpoint load that would restore only part of a training run's randomness, or lacks a part."""
-    if data_loader is not None and "data_loader_state_dict" not in checkpoint:
+def _check_restored(checkpoint: dict, optimizer: Any, data_loader: Any, *, needed: Sequence[str]) -> None:
+    """Refuse a checkpoint load that would restore only part of a training run's randomness, or lacks a part.
+
+    ``needed``: the parts whose state a training engine must restore (none when the engine does not train).
+    """
+    keys = {"optimizer": "optimizer_state_dict", "data_loader": "data_loader_state_dict"}
+    absent = [name for name in needed if keys[name] not in checkpoint]
+    if not absent and data_loader is not None and "data_loader_state_dict" not in checkpoint:
         raise ValueError("the checkpoint holds no data loader state: save it with save_checkpoint(..., data_loader=...)")
-    missing = [name for name, key, given in (("optimizer", "optimizer_state_dict", optimizer),
-                                             ("data_loader", "data_loader_state_dict", data_loader))
-               if trains and given is None and key in checkpoint]
+    if absent:
+        raise ValueError(
+            f"the checkpoint holds no {' and no '.join(absent)} state, so training cannot resume from it: a fresh "
+            "noise generator would replay noise already used, a fresh sampler batches already used, which voids "
+            "the privacy guarantee. Resume from a checkpoint saved with save_checkpoint(..., optimizer=..., "
+            "data_loader=...). To load the model for evaluation only, pass torch.load(path)['module_state_dict'] "
+            "to the load_state_dict of the model you evaluate"
+        )
+    given = {"optimizer": optimizer, "data_loader": data_loader}
+    missing = [name for name in needed if given[name] is None]
     if missing:
         raise ValueError(
             f"the checkpoint holds the state of {' and '.join(missing)} but load_checkpoint was not given "

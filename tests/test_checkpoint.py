@@ -113,3 +113,43 @@ def test_checkpoint_between_last_batch_and_its_step_is_refused(tmp_path) -> None
         engine.save_checkpoint(path=path, module=pmodel, optimizer=opt, data_loader=loader)
         if info.is_last:
             break
+
+
+@pytest.mark.parametrize("saved_without", [("optimizer",), ("data_loader",), ("optimizer", "data_loader")])
+def test_resuming_from_a_checkpoint_without_randomness_state_is_refused(tmp_path, saved_without: tuple) -> None:
+    """A checkpoint saved without the optimizer (noise generator) or the data loader (sampler) cannot resume
+    training: the fresh, identically seeded run would replay noise or batches already used. Saving one warns."""
+    engine, _model, pmodel, opt, loader = _fresh()
+    _train(pmodel, opt, loader, 2)
+    path = tmp_path / "ckpt.pt"
+    parts = {"optimizer": opt, "data_loader": loader}
+    for name in saved_without:
+        parts[name] = None
+    with pytest.warns(UserWarning, match="training cannot resume from it"):
+        engine.save_checkpoint(path=path, module=pmodel, **parts)
+
+    engine2, model2, pmodel2, opt2, loader2 = _fresh()
+    before = [p.detach().clone() for p in model2.parameters()]
+    with pytest.raises(ValueError, match="holds no .*state, so training cannot resume from it"):
+        engine2.load_checkpoint(path=path, module=pmodel2, optimizer=opt2, data_loader=loader2)
+    assert all(torch.equal(p, b) for p, b in zip(model2.parameters(), before))
+    assert len(engine2.accountant) == 0
+
+
+def test_make_private_fast_after_loading_a_checkpoint_is_refused(tmp_path) -> None:
+    """Loaded before make_private_fast, a checkpoint's sampler and noise states cannot be restored, and the new
+    ones (seeded as in the original run) would replay its batches and noise: make_private_fast refuses."""
+    engine, model, pmodel, opt, loader = _fresh()
+    _train(pmodel, opt, loader, 2)
+    path = tmp_path / "ckpt.pt"
+    engine.save_checkpoint(path=path, module=model, optimizer=opt, data_loader=loader)
+    torch.manual_seed(0)
+    model = mlp().double()
+    engine2 = PrivacyEngine(accountant="rdp")
+    engine2.load_checkpoint(path=path, module=model)
+    data = TensorDataset(torch.randn(80, 7, dtype=torch.float64))
+    with pytest.raises(ValueError, match="loaded a checkpoint before make_private_fast"):
+        engine2.make_private_fast(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+                                  data_loader=DataLoader(data, batch_size=20), noise_multiplier=1.0,
+                                  max_grad_norm=1.0)
+    assert all("forward" not in m.__dict__ for m in model.modules())

@@ -207,20 +207,24 @@ def test_step_after_parameter_free_backward_is_refused_and_loses_nothing(poisson
         torch.testing.assert_close(p.summed_grad, want[name], rtol=1e-9, atol=1e-12)
 
 
-def test_forwards_without_backward_around_a_training_step_are_fine() -> None:
-    """A metrics forward with gradients enabled after the backward, and a step with no forward at all (a loop that
-    skips an empty Poisson batch), are ordinary loops: neither is refused."""
+def test_metrics_forward_after_backward_is_fine_and_a_step_without_backward_is_refused() -> None:
+    """A metrics forward with gradients enabled after the backward is an ordinary loop; a second step() for one
+    batch, or a step() before any backward, would release noise alone (Opacus refuses both too)."""
     torch.manual_seed(0)
     model = mlp().double()
     data = TensorDataset(torch.randn(16, 7, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
     pmodel, optimizer, _ = _private(model, data, poisson_sampling=False, loss_reduction="sum")
+    with pytest.raises(RuntimeError, match="no backward pass ran since the last step"):
+        optimizer.step()
     x = torch.randn(4, 7, dtype=torch.float64)
     optimizer.zero_grad()
     l1_loss(pmodel(x), "sum").backward()
     pmodel(torch.randn(3, 7, dtype=torch.float64)).sum()
     optimizer.step()
-    optimizer.zero_grad()
-    optimizer.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="no backward pass ran since the last step"):
+        optimizer.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
 @pytest.mark.parametrize("case", ["create_graph", "gradient_penalty"])

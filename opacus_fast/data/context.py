@@ -45,10 +45,10 @@ class BatchContext:
         self.trained: PhysicalBatchInfo | None = None
         #: the last physical batch of the logical batch that the training side released last (noised and stepped)
         self.released: PhysicalBatchInfo | None = None
-        #: since the last release: whether the model ran a forward pass that builds a graph, and whether a backward
-        #: pass produced clipped parameter gradients (set by the training side)
+        #: since the last release: whether the model ran a forward pass that builds a graph, and how many backward
+        #: passes produced clipped parameter gradients (set by the training side)
         self.forward_since_release = False
-        self.clipped_since_release = False
+        self.clipped_since_release = 0
 
     def publish(self, info: PhysicalBatchInfo | None) -> None:
         """Make ``info`` the current physical batch (None clears it, at the end of an iteration)."""
