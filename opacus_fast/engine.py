@@ -525,7 +525,10 @@ class BKEngine:
         if info is self.context.trained:
             raise RuntimeError(
                 "backward() ran twice on the same physical batch: each example's gradient must come from one "
-                "backward pass to be clipped correctly. Add the losses together and call backward() once"
+                "backward pass to be clipped correctly. Add the losses together and call backward() once; if the "
+                "second backward is another model's step through this one (a GAN generator's), freeze this model's "
+                "parameters for it (requires_grad_(False)) or take the other model's gradients with "
+                "torch.autograd.grad"
             )
         previous = self.context.previous
         if previous is not None and previous is not self.context.trained:

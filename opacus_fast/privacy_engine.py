@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Sequence
@@ -38,6 +39,11 @@ class BKGradSampleModule(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["_module"], name)
+
+    def __deepcopy__(self, memo: dict) -> nn.Module:
+        """A copy of the user's model, without captures (e.g. for an EMA or ``AveragedModel``): it computes with its
+        own weights, and the engine, which holds autograd state, is not copied."""
+        return copy.deepcopy(self._modules["_module"], memo)
 
     def cleanup(self) -> nn.Module:
         """Detach every capture and hook; returns the user's model, as it was before ``make_private_fast``."""

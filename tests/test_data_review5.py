@@ -245,20 +245,38 @@ def test_save_checkpoint_inside_a_batch_memory_manager_loop_is_refused() -> None
 @pytest.mark.parametrize("options", [{}, {"num_workers": 2, "prefetch_factor": 4},
                                      {"num_workers": 2, "persistent_workers": True}], ids=["main", "workers", "persistent"])
 def test_a_loop_left_midway_continues_at_the_interrupted_logical_batch(options: dict[str, Any]) -> None:
-    """The next iteration yields what a loader resumed from the state saved after the break yields."""
+    """The next iteration (a new epoch) starts with the interrupted logical batch, drawn again: the same draws as a
+    loader resumed from the state saved after the break, whatever the workers had drawn ahead."""
     loader = _loader(seed=6, max_physical_batch_size=2, loader_options=options)
-    reference = _reference(loader, seed=6, epochs=2)
+    reference = _reference(loader, seed=6, epochs=3)
     ends = [i == count - 1 for batch in reference for count in [max(1, math.ceil(len(batch) / 2))] for i in range(count)]
     stop = next(p for p in range(5, len(ends)) if not ends[p - 1])
     first = _rows(loader, stop=stop)  # left inside a logical batch; prefetching workers have drawn beyond it
     assert len(first) == stop and not first[-1][1].is_last
     done = len(_logical(first))
     state = loader.state_dict()
-    continued = _rows(loader)
+    continued = _logical(_rows(loader))
     resumed = _loader(seed=0, max_physical_batch_size=2)
     resumed.load_state_dict(state)
-    assert _logical(continued) == _logical(_rows(resumed)) == reference[done:10]
-    assert _logical(_rows(loader)) == reference[10:20]  # then the next epoch
+    assert continued == _logical(_rows(resumed)) == reference[done:done + 10]
+    assert _logical(_rows(loader)) == reference[done + 10:done + 20]  # then the next epoch
+
+
+def test_leaving_every_epoch_after_a_few_logical_batches_starts_full_epochs() -> None:
+    """A loop that caps logical batches per epoch (break right after a step) gets a new epoch at every iteration,
+    as with any DataLoader, and the draws go on where they stopped."""
+    loader = _loader(seed=7, sample_rate=0.2)  # 5 logical batches per epoch: 3 x 2 would run past one
+    reference = _reference(loader, seed=7, epochs=2)
+    epochs = []
+    for _ in range(3):
+        rows = []
+        for position, (_, idx, _) in enumerate(loader):
+            rows.append((idx.tolist(), loader.context.current))
+            if position == 1:
+                break
+        epochs.append(_logical(rows))
+    assert [len(e) for e in epochs] == [2, 2, 2]
+    assert [batch for e in epochs for batch in e] == reference[:6]
 
 
 @pytest.mark.filterwarnings("ignore:discarding the clipped gradients")

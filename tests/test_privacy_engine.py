@@ -528,3 +528,32 @@ def test_failure_after_planning_leaves_the_model_as_it_was() -> None:
                                                      data_loader=DataLoader(data, batch_size=4), noise_multiplier=1.0,
                                                      max_grad_norm=1.0)
     pmodel(data.tensors[0][:2]).sum().backward()
+
+
+@pytest.mark.parametrize("make_copy", ["deepcopy", "AveragedModel"])
+def test_copies_of_the_returned_model_are_plain_models_with_their_own_weights(make_copy: str) -> None:
+    """An EMA of the model that make_private_fast returned: a plain copy of the user's model (the engine, which
+    holds autograd state, is not copied), computing with its own weights; the original still clips exactly."""
+    import copy
+
+    from torch.optim.swa_utils import AveragedModel
+
+    torch.manual_seed(0)
+    model = mlp().double()
+    data = TensorDataset(torch.randn(16, 7, dtype=torch.float64))
+    pmodel, _, _ = PrivacyEngine().make_private_fast(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                                     data_loader=DataLoader(data, batch_size=4), noise_multiplier=1.0,
+                                                     max_grad_norm=1.0, loss_reduction="sum")
+    average = copy.deepcopy(pmodel) if make_copy == "deepcopy" else AveragedModel(pmodel)
+    copied = average.module if isinstance(average, AveragedModel) else average
+    assert type(copied) is type(model)
+    other = mlp().double()
+    copied.load_state_dict(other.state_dict())
+    x = torch.randn(5, 7, dtype=torch.float64)
+    torch.testing.assert_close(average(x), other(x), rtol=0, atol=0)
+    reference = mlp().double()
+    reference.load_state_dict(model.state_dict())
+    l1_loss(pmodel(x), "sum").backward()
+    want = loop_clipped_sum(reference, x, 1.0)
+    for (name, _), p in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.summed_grad, want[name], rtol=1e-9, atol=1e-12)

@@ -261,9 +261,11 @@ class DPDataLoader(DataLoader):
     def __iter__(self) -> Iterator[Any]:
         """Yield the physical batches, publishing each one's info into ``context`` first (None at the end).
 
-        An iteration left midway (``break``, or a new iteration started) rewinds the sampler to the start of the
-        logical batch it was in, also when workers had drawn batches ahead: the next iteration draws that logical
-        batch again and then the rest of the epoch, as a run resumed from :meth:`state_dict` would.
+        An iteration left early (``break``, or a new iteration started) rewinds the sampler's random state to the
+        start of the logical batch it was in (or the next one, if it was left between two), also when workers had
+        drawn batches ahead. The next iteration is a new epoch, as with any DataLoader, whose first logical batch is
+        that one, drawn again: the same draws, and so the same noise on the same batches, as a run resumed from
+        :meth:`state_dict`.
         """
         if self._iteration is not None:
             self._leave()  # a new iteration abandons the previous one
@@ -283,11 +285,12 @@ class DPDataLoader(DataLoader):
                 self._leave()
 
     def _leave(self) -> None:
-        """End this loader's iteration: rewind the sampler to where a run stopped now resumes, clear the context."""
+        """End this loader's iteration: rewind the sampler's random state to where a run stopped now resumes (the
+        next iteration being a new epoch), clear the context."""
         sampler = self.batch_sampler
         sampler.sink = None
         sampler.logical.release()
-        sampler.logical.load_state_dict(self._resume_state)
+        sampler.logical.load_state_dict({**self._resume_state, "step": 0})
         self._iteration = self._resume_state = None
         self.context.publish(None)
 
