@@ -177,7 +177,7 @@ def _batch_first_method(site: Site) -> Callable[..., Tensor]:
 
 def _hidden_input_error(site: Site, foreign: list[Tensor], model: nn.Module) -> UnsupportedModuleError:
     """The error for a unit whose output depends on tensors that require grad but are not its inputs."""
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = _tensor_names(model)
     known = ", ".join(f"'{names[id(t)]}'" for t in foreign if id(t) in names)
     what = f"parameter(s) {known}" if known else "a tensor that requires grad"
     return UnsupportedModuleError(
@@ -187,6 +187,11 @@ def _hidden_input_error(site: Site, foreign: list[Tensor], model: nn.Module) -> 
         "only in modules that register it (tie weights by assignment, e.g. decoder.weight = embedding.weight), and "
         "pass per-example tensors positionally (batch first)"
     )
+
+
+def _tensor_names(model: nn.Module) -> dict[int, str]:
+    """The model's parameters and buffers by ``id``, for naming them in errors."""
+    return {id(t): n for n, t in (*model.named_parameters(), *model.named_buffers())}
 
 
 def _viewed(t: Tensor) -> Tensor:
@@ -440,7 +445,7 @@ class BKEngine:
         shared = [i for i, x in enumerate(inputs) if self._is_shared(x)]
         if not shared:
             return None
-        names = {id(t): n for n, t in (*self.model.named_parameters(), *self.model.named_buffers())}
+        names = _tensor_names(self.model)
         which = ", ".join(f"{i} ('{names[id(_viewed(inputs[i]))]}')" for i in shared)
         return (
             f"positional input(s) {which} hold the model's parameters or buffers, shared by all examples, but each "

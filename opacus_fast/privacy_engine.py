@@ -300,7 +300,8 @@ class PrivacyEngine(opacus.PrivacyEngine):
                     "Save after optimizer.step() (e.g. at the end of the loop body) or outside the loop"
                 )
             checkpoint["data_loader_state_dict"] = data_loader.state_dict()
-        if self._trains and (optimizer is None or (self._poisson and data_loader is None)):
+        given = {"optimizer": optimizer, "data_loader": data_loader}
+        if any(given[name] is None for name in self._resume_parts()):
             warnings.warn(
                 "this checkpoint holds no optimizer or data loader state, so training cannot resume from it (that "
                 "would replay noise or batches already used); pass optimizer= and data_loader= to save one that can",
@@ -315,14 +316,20 @@ class PrivacyEngine(opacus.PrivacyEngine):
         restored if the checkpoint holds their state, before anything is loaded: a fresh sampler would redraw
         batches already used, a fresh noise generator replay noise already used on other batches.
         """
-        needed = ("optimizer", "data_loader") if self._poisson else ("optimizer",)
         _check_restored(_peek(path, kwargs.get("torch_load_kwargs")), optimizer, data_loader,
-                        needed=needed if self._trains else ())
+                        needed=self._resume_parts())
         checkpoint = super().load_checkpoint(path=path, module=module, optimizer=optimizer, **kwargs)
         if data_loader is not None:
             data_loader.load_state_dict(checkpoint.pop("data_loader_state_dict"))
         self._restored = self._restored or (not self._trains and len(self.accountant) > 0)
         return checkpoint
+
+    def _resume_parts(self) -> tuple[str, ...]:
+        """The parts whose state a checkpoint needs for training to resume from it: the optimizer (noise
+        generator) and, with Poisson sampling, the data loader (sampler); none when this engine does not train."""
+        if not self._trains:
+            return ()
+        return ("optimizer", "data_loader") if self._poisson else ("optimizer",)
 
 
 

@@ -43,6 +43,17 @@ def _train(pmodel, opt, loader, steps: int, interrupt_after_physical: bool = Fal
     return done
 
 
+def _saved_run(tmp_path, steps: int, wrapped: bool = True, left_out: tuple[str, ...] = ()):
+    """Train a fresh run ``steps`` logical steps and save it (the wrapped or the user's model, without the parts
+    ``left_out``); returns the checkpoint's path and the user's model."""
+    engine, model, pmodel, opt, loader = _fresh()
+    _train(pmodel, opt, loader, steps)
+    path = tmp_path / "ckpt.pt"
+    parts = {name: None if name in left_out else part for name, part in (("optimizer", opt), ("data_loader", loader))}
+    engine.save_checkpoint(path=path, module=pmodel if wrapped else model, **parts)
+    return path, model
+
+
 @pytest.mark.parametrize("user_generator", [True, False])
 @pytest.mark.parametrize("interrupt_inside_logical_batch", [False, True])
 def test_resume_matches_uninterrupted_run(tmp_path, interrupt_inside_logical_batch: bool, user_generator: bool) -> None:
@@ -72,10 +83,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, interrupt_inside_logical_bat
 @pytest.mark.parametrize("left_out", ["optimizer", "data_loader"])
 def test_partial_restore_into_a_training_engine_is_refused(tmp_path, left_out: str) -> None:
     """A fresh sampler would redraw batches already used; a fresh noise generator would replay used noise."""
-    engine, _model, pmodel, opt, loader = _fresh()
-    _train(pmodel, opt, loader, 2)
-    path = tmp_path / "ckpt.pt"
-    engine.save_checkpoint(path=path, module=pmodel, optimizer=opt, data_loader=loader)
+    path, _ = _saved_run(tmp_path, 2)
 
     engine2, model2, pmodel2, opt2, loader2 = _fresh()
     before = [p.detach().clone() for p in model2.parameters()]
@@ -88,10 +96,7 @@ def test_partial_restore_into_a_training_engine_is_refused(tmp_path, left_out: s
 
 
 def test_model_only_load_by_an_engine_that_does_not_train(tmp_path) -> None:
-    engine, model, pmodel, opt, loader = _fresh()
-    _train(pmodel, opt, loader, 1)
-    path = tmp_path / "ckpt.pt"
-    engine.save_checkpoint(path=path, module=model, optimizer=opt, data_loader=loader)
+    path, model = _saved_run(tmp_path, 1, wrapped=False)
     torch.manual_seed(1)
     fresh = mlp().double()
     PrivacyEngine(accountant="rdp").load_checkpoint(path=path, module=fresh)
@@ -119,14 +124,8 @@ def test_checkpoint_between_last_batch_and_its_step_is_refused(tmp_path) -> None
 def test_resuming_from_a_checkpoint_without_randomness_state_is_refused(tmp_path, saved_without: tuple) -> None:
     """A checkpoint saved without the optimizer (noise generator) or the data loader (sampler) cannot resume
     training: the fresh, identically seeded run would replay noise or batches already used. Saving one warns."""
-    engine, _model, pmodel, opt, loader = _fresh()
-    _train(pmodel, opt, loader, 2)
-    path = tmp_path / "ckpt.pt"
-    parts = {"optimizer": opt, "data_loader": loader}
-    for name in saved_without:
-        parts[name] = None
     with pytest.warns(UserWarning, match="training cannot resume from it"):
-        engine.save_checkpoint(path=path, module=pmodel, **parts)
+        path, _ = _saved_run(tmp_path, 2, left_out=saved_without)
 
     engine2, model2, pmodel2, opt2, loader2 = _fresh()
     before = [p.detach().clone() for p in model2.parameters()]
@@ -139,10 +138,7 @@ def test_resuming_from_a_checkpoint_without_randomness_state_is_refused(tmp_path
 def test_make_private_fast_after_loading_a_checkpoint_is_refused(tmp_path) -> None:
     """Loaded before make_private_fast, a checkpoint's sampler and noise states cannot be restored, and the new
     ones (seeded as in the original run) would replay its batches and noise: make_private_fast refuses."""
-    engine, model, pmodel, opt, loader = _fresh()
-    _train(pmodel, opt, loader, 2)
-    path = tmp_path / "ckpt.pt"
-    engine.save_checkpoint(path=path, module=model, optimizer=opt, data_loader=loader)
+    path, _ = _saved_run(tmp_path, 2, wrapped=False)
     torch.manual_seed(0)
     model = mlp().double()
     engine2 = PrivacyEngine(accountant="rdp")
