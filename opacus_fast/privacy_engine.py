@@ -32,7 +32,8 @@ class BKGradSampleModule(nn.Module):
         self.__dict__["_engine"] = engine
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._module(*args, **kwargs)
+        with self._engine.model_call(args, kwargs):
+            return self._module(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
