@@ -63,7 +63,7 @@ min-max); peak memory (CUDA max allocated on GPU, peak RSS of the worker process
 opacus runs), the throughput over Opacus hooks mode's in the same repeat (median); with --max-batch
 the largest physical batch that fits; correct: one noiseless step (lr=1, float64, a few examples, C = their
 median gradient norm) against the exact batch-of-one reference sum_i min(1, C/(|g_i|+1e-6)) g_i / n, pass
-if the relative error < 1e-6; target: the issue's CPU targets for fast-bk, met or not. A method that fails
+if the relative error < 1e-6; target: the project's CPU targets for fast-bk, met or not. A method that fails
 (e.g. Opacus on ResNets) is listed with its error.
 
 Outputs: a table on stdout and <out>.json, <out>.csv, <out>.md and <out>.png (ratio to sgd per model and

@@ -32,7 +32,7 @@ def resolve(*argv: str):
 # --- arguments ----------------------------------------------------------------------------------------------
 
 
-def test_default_is_the_cpu_suite_of_the_issue():
+def test_default_is_the_cpu_suite():
     config, baseline = resolve()
     assert baseline is None
     assert config.models == [VIT_TINY_32, "resnet18"]

@@ -1,6 +1,6 @@
 """The engine refuses what it cannot clip exactly, and adds nothing it was not asked for.
 
-Each case once passed silently with a wrong clipped sum: layers that see tokens as examples, reentrant
+Each case would otherwise give a wrong clipped sum without an error: layers that see tokens as examples, reentrant
 checkpointing, input-gradient passes, instance-level ``forward`` overrides, parameters frozen after attaching.
 """
 

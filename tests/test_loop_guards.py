@@ -1,4 +1,4 @@
-"""Training loops that used to release the wrong thing: each is now exact, or refused before anything is released.
+"""Training loops that could release the wrong thing: each is exact, or refused before anything is released.
 
 Covers the clip bound changed while clipped sums are pending, zero_grad at every physical batch with a step only at
 the last one, a step after leaving a logical batch early, a trainable parameter the optimizer does not hold, and a
@@ -140,7 +140,7 @@ def test_loops_release_the_exact_clipped_sum(step_every_batch: bool) -> None:
     assert sum(steps for _, _, steps in engine.accountant.history) == logical
 
 
-# ---- bug: the clip bound changed while clipped sums are pending ---------------------------------------------------
+# ---- the clip bound changed while clipped sums are pending --------------------------------------------------------
 def test_clip_bound_change_is_refused_while_sums_are_pending() -> None:
     """Between the backward and the step that ends the logical batch, a new max_grad_norm (by hand or by a
     GradClipScheduler stepped every physical batch) is refused and changes nothing: the pending examples were
@@ -238,7 +238,7 @@ def test_clip_bound_changes_after_the_step_that_ends_the_logical_batch() -> None
     assert bounds[:3] == [1.0, 0.5, 0.25]
 
 
-# ---- bug: leaving a logical batch, then stepping ------------------------------------------------------------------
+# ---- leaving a logical batch, then stepping -----------------------------------------------------------------------
 def test_step_after_leaving_a_logical_batch_releases_nothing() -> None:
     """break after a physical batch that does not end its logical batch, then optimizer.step(): no noise, no
     accountant step, no update. The next loop's zero_grad discards the partial sums (with a warning) and its
@@ -261,7 +261,7 @@ def test_step_after_leaving_a_logical_batch_releases_nothing() -> None:
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-# ---- bug: a trainable parameter outside the optimizer -------------------------------------------------------------
+# ---- a trainable parameter outside the optimizer ------------------------------------------------------------------
 def test_trainable_parameter_outside_the_optimizer_is_refused() -> None:
     """Naming the parameters and what to do, before the model or optimizer is changed; frozen ones are fine."""
     model = _model()
@@ -274,7 +274,7 @@ def test_trainable_parameter_outside_the_optimizer_is_refused() -> None:
     PrivacyEngine().make_private_fast(module=model, optimizer=optimizer, **options)
 
 
-# ---- bug: a loop that fetches the next physical batch first -------------------------------------------------------
+# ---- a loop that fetches the next physical batch first ------------------------------------------------------------
 def _one_ahead(loader) -> Iterator[tuple[torch.Tensor, PhysicalBatchInfo]]:
     """A prefetcher (as accelerate's DataLoaderShard): fetches the next batch before yielding the current one."""
     batches = iter(loader)

@@ -10,7 +10,7 @@ METHODS: tuple[str, ...] = ("sgd", "opacus", "opacus-ghost", "fast-bk")
 PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
 VIT_TINY_32 = "vit_tiny_patch16_224:patch_size=4"
 
-# Throughput targets (ratio to sgd) from the issue, for the default CPU suite; reported as met / not met,
+# The project's throughput targets (ratio to sgd) for the default CPU suite; reported as met / not met,
 # never asserted. Keyed by (device type, model spec, image size, physical batch, method).
 TARGETS: dict[tuple[str, str, int, int, str], float] = {
     ("cpu", VIT_TINY_32, 32, 64, "fast-bk"): 0.75,
@@ -65,7 +65,7 @@ class RunConfig:
 
 
 SUITES: dict[str, RunConfig] = {
-    # The issue's default: 2 CPU threads, CIFAR-shaped data, physical batch 64. Two warm-up steps, to time the
+    # The default: 2 CPU threads, CIFAR-shaped data, physical batch 64. Two warm-up steps, to time the
     # steady state: on vit_tiny the second step was still -2 to +5 % off the later ones for fast-bk (four
     # processes), 0-1 % for sgd and Opacus. 8 ViT steps narrow the spread (sgd ~1 s per step, Opacus ~3 s,
     # ~10 s per worker start).

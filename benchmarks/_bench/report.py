@@ -162,7 +162,7 @@ def correctness_cell(row: dict[str, Any]) -> str:
 
 
 def target_cell(row: dict[str, Any]) -> str:
-    """The issue's targets for this row: ratio to sgd, and to opacus where one is set."""
+    """The project's targets for this row: ratio to sgd, and to opacus where one is set."""
     verdicts = {True: "met", False: "NOT met", None: "NOT met (no ratio)"}
     parts = []
     if row["target"] is not None:

@@ -1,7 +1,7 @@
-"""Units (modules run one example at a time) and attaching: what once passed silently is exact or refused clearly.
+"""Units (modules run one example at a time) and attaching: each case is exact or refused clearly.
 
-Each refused case here once trained without an error while dropping a gradient path or mixing examples; the
-copies and evaluation modes once ran the original layers, or failed.
+Each refused case here would otherwise train without an error while dropping a gradient path or mixing examples;
+copies of an attached model and forward passes without gradients must compute with the plain layers.
 """
 
 from __future__ import annotations
@@ -296,7 +296,7 @@ def _small_model() -> nn.Module:
 
 @pytest.mark.parametrize("make_copy", [copy.deepcopy, AveragedModel])
 def test_copies_of_an_attached_model_compute_with_their_own_weights(make_copy) -> None:
-    """An EMA copy once ran the original layers: it evaluated the live weights instead of its own."""
+    """An EMA copy must run its own layers: running the original ones would evaluate the live weights."""
     torch.manual_seed(0)
     model = _small_model().double()
     engine = BKEngine(model, bound=ClipBound(1.0), loss_reduction="sum")

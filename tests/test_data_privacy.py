@@ -1,4 +1,4 @@
-"""Regression tests for the data-side privacy bugs of review 5.
+"""The data side of privacy: what the loader and the sampler guarantee besides Poisson batch sizes.
 
 - padding rows are appended after the user's collate_fn, so a collate that reorders examples cannot make one count
   twice (or mask a real one out);
