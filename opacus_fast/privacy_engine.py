@@ -32,8 +32,7 @@ class BKGradSampleModule(nn.Module):
         self.__dict__["_engine"] = engine
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with self._engine.model_call(args, kwargs):
-            return self._module(*args, **kwargs)
+        return self._module(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -72,8 +71,6 @@ def _check_options(
         raise ValueError(f"grad_sample_mode={grad_sample_mode!r}: make_private_fast supports 'bk' only")
     if clipping not in ("flat", "per_layer"):
         raise ValueError(f"clipping={clipping!r}: make_private_fast supports 'flat' and 'per_layer'")
-    if not batch_first:
-        raise ValueError("batch_first=False is not supported: put the batch in dim 0 of every layer input")
     if loss_reduction not in ("mean", "sum"):
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
     if not wrap_model:
@@ -236,7 +233,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
             loss_reduction=loss_reduction, generator=self.secure_rng if self.secure_mode else _noise_generator(noise_generator, params),
             secure_mode=self.secure_mode, context=context,
         )
-        engine = BKEngine(module, bound=bound, loss_reduction=loss_reduction, context=context)
+        engine = BKEngine(module, bound=bound, loss_reduction=loss_reduction, context=context, batch_first=batch_first)
         try:
             if setup is not None:
                 setup.start(engine)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from opacus.utils.per_sample_gradients_utils import compute_microbatch_grad_sample
 from torch import nn
@@ -26,12 +28,19 @@ def reference_clipped_sum(
 
 
 def loop_clipped_sum(
-    model: nn.Module, x: torch.Tensor, max_grad_norm: float, loss_reduction: str = "sum"
+    model: nn.Module, x: torch.Tensor, max_grad_norm: float, loss_reduction: str = "sum",
+    loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Second reference: one ``torch.autograd.grad`` per example over the trainable parameters only."""
+    """Second reference: one ``torch.autograd.grad`` per example over the trainable parameters only (the loss of
+    an example's output is ``loss``, by default the L1 loss)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    per_example = [torch.autograd.grad(l1_loss(model(x[i : i + 1]), loss_reduction), list(params.values()))
-                   for i in range(x.shape[0])]
+    loss = loss or (lambda out: l1_loss(out, loss_reduction))
+    per_example = [
+        [torch.zeros_like(p) if g is None else g
+         for p, g in zip(params.values(), torch.autograd.grad(loss(model(x[i:i + 1])), list(params.values()),
+                                                              allow_unused=True))]
+        for i in range(x.shape[0])
+    ]
     out = dict.fromkeys(params, 0)
     for grads in per_example:
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))

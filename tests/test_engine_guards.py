@@ -1,7 +1,8 @@
-"""The engine refuses what it cannot clip exactly, and adds nothing it was not asked for.
+"""The engine clips exactly or refuses, and adds nothing it was not asked for.
 
-Each case would otherwise give a wrong clipped sum without an error: layers that see tokens as examples, reentrant
-checkpointing, input-gradient passes, instance-level ``forward`` overrides, parameters frozen after attaching.
+Layers that see tokens folded into dim 0 or run sequence first are exact; each refused case would otherwise give a
+wrong clipped sum without an error: a model called on part of its batch, reentrant checkpointing, input-gradient
+passes, instance-level ``forward`` overrides, parameters frozen after attaching.
 """
 
 from __future__ import annotations
@@ -71,18 +72,33 @@ def _private(model: nn.Module, data: TensorDataset, **options):
 
 
 @pytest.mark.parametrize("pad", [True, False])
-def test_layers_that_fold_tokens_into_the_batch_are_refused(pad: bool) -> None:
-    """Clipping token rows as examples would let one example contribute up to T·C; the loader's row count (or
-    mask) exposes it."""
+@pytest.mark.parametrize("make", [TokenFolding, SequenceFirst])
+def test_layers_that_fold_tokens_or_run_sequence_first_are_exact(make: type[nn.Module], pad: bool) -> None:
+    """Token rows are never clipped as examples: the tracker follows each example's rows through the reshape or
+    transpose, also when the batch happens to have as many rows as tokens (3 here, in some batches)."""
     torch.manual_seed(0)
-    pmodel, optimizer, loader = _private(TokenFolding().double(), _tokens(), max_physical_batch_size=4,
-                                         pad_physical_batches=pad)
-    with pytest.raises(RuntimeError, match="folds tokens or time steps into dim 0"):
-        for (x,) in loader:
-            optimizer.zero_grad()
-            pmodel(x).sum().backward()
-            optimizer.step()
-    assert all(getattr(p, "summed_grad", None) is None for p in pmodel.parameters())
+    model = make().double()
+    reference = make().double()
+    reference.load_state_dict(model.state_dict())
+    loader = DPDataLoader.from_data_loader(DataLoader(_tokens(n=40, t=3), 4), sample_rate=0.1,
+                                           max_physical_batch_size=3, pad=pad,
+                                           generator=torch.Generator().manual_seed(3))
+    engine = BKEngine(model, bound=ClipBound(0.5), loss_reduction="sum", context=loader.context)
+    checked = 0
+    for (x,) in loader:
+        info = loader.context.current
+        model(x).sum().backward()
+        real = x if info.mask is None else x[info.mask]
+        if len(real) > 1:
+            want = loop_clipped_sum(reference, real, 0.5, loss=lambda out: out.sum())
+            for (name, _), p in zip(reference.named_parameters(), model.parameters()):
+                torch.testing.assert_close(p.summed_grad, want[name], rtol=1e-9, atol=1e-12)
+            checked += 1
+        for p in model.parameters():
+            p.summed_grad = None
+        loader.context.released = loader.context.trained
+    engine.detach()
+    assert checked > 3
 
 
 def test_evaluation_forward_between_forward_and_backward_is_fine() -> None:
@@ -102,17 +118,16 @@ def test_evaluation_forward_between_forward_and_backward_is_fine() -> None:
         torch.testing.assert_close(p.summed_grad, want[name], rtol=1e-9, atol=1e-12)
 
 
-def test_layer_batch_is_checked_against_the_physical_batch() -> None:
-    """Without the model wrapper (engine attached directly), the loader's row count still exposes a
-    sequence-first layer."""
+def test_model_called_on_part_of_its_batch_is_refused() -> None:
+    """The loader's row count exposes a call on some of the physical batch's rows."""
     torch.manual_seed(0)
     model = SequenceFirst().double()
     loader = DPDataLoader.from_data_loader(DataLoader(_tokens(n=40, t=3), 4), sample_rate=0.2)
     engine = BKEngine(model, bound=ClipBound(1.0), loss_reduction="sum", context=loader.context)
-    with pytest.raises(RuntimeError, match="the physical batch has .* rows but the model's layers saw 3"):
+    with pytest.raises(RuntimeError, match="the physical batch has .* rows but the model call's batch inputs have"):
         for (x,) in loader:
-            if len(x) != 3:
-                model(x).sum().backward()
+            if len(x) > 2:
+                model(x[:2]).sum().backward()
     engine.detach()
 
 
@@ -249,7 +264,7 @@ def test_instance_level_forward_override_is_refused() -> None:
     model = mlp().double()
     original = model[0].forward
     model[0].forward = lambda x: original(x) * 2
-    with pytest.raises(UnsupportedModuleError, match="'0' \\(Linear\\) has its own 'forward' set on the instance"):
+    with pytest.raises(UnsupportedModuleError, match="'0' \\(Linear\\): it has its own 'forward' set on the instance"):
         _private(model, TensorDataset(torch.randn(8, 7, dtype=torch.float64)))
     assert model[0].__dict__["forward"] is not original  # the user's override is still there, nothing attached
     assert all("forward" not in m.__dict__ for m in (model, model[2]))

@@ -208,16 +208,6 @@ def test_cleanup_restores_the_model() -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
-class _OwnParamAndChildren(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(3))
-        self.fc = nn.Linear(3, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x) * self.scale
-
-
 class _BatchNormSubclass(nn.BatchNorm1d):
     """A library's BatchNorm variant (like timm's BatchNormAct2d), which ModuleValidator.fix leaves in place."""
 
@@ -237,8 +227,6 @@ class _ReadsChildWeight(nn.Module):
         (lambda: nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), r"'1' \(BatchNorm1d\).*ModuleValidator\.fix"),
         (lambda: nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3).requires_grad_(False)), "BatchNorm1d"),
         (lambda: nn.Sequential(nn.Linear(3, 3), _BatchNormSubclass(3)), r"_BatchNormSubclass.*replace this subclass"),
-        (lambda: nn.MultiheadAttention(3, 1, batch_first=True), r"in_proj_weight.*register_unit"),
-        (lambda: _OwnParamAndChildren(), r"\(scale\)"),
         (lambda: nn.Sequential(nn.Embedding(5, 3, max_norm=1.0)), "max_norm"),
         (lambda: nn.Sequential(nn.InstanceNorm1d(3, affine=True, track_running_stats=True)), "track_running_stats"),
     ],
@@ -255,14 +243,76 @@ def test_unsupported_models_fail_clearly_and_are_left_untouched(model, match: st
     assert not isinstance(optimizer, DPOptimizer)
 
 
-def test_parameter_used_outside_its_module_is_refused_at_backward() -> None:
+def test_parameter_used_directly_by_a_parent_is_exact() -> None:
+    """fc.weight read by the parent's forward (fc itself never called) gets its exact per-example gradient."""
+    torch.manual_seed(0)
+    model = _ReadsChildWeight().double()
+    reference = _ReadsChildWeight().double()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(6, 3, dtype=torch.float64)
+    pmodel, _, _ = PrivacyEngine().make_private_fast(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(_data(8, 3)),
+        noise_multiplier=1.0, max_grad_norm=1.0, loss_reduction="sum",
+    )
+    l1_loss(pmodel(x), "sum").backward()
+    want = loop_clipped_sum(reference, x, 1.0)
+    torch.testing.assert_close(model.fc.weight.summed_grad, want["fc.weight"], rtol=1e-9, atol=1e-12)
+
+
+def test_parameter_in_a_loss_term_is_refused_at_backward() -> None:
+    """A penalty on a parameter computed outside the model is no example's gradient: it cannot be clipped."""
     model = _ReadsChildWeight().double()
     pmodel, _, _ = PrivacyEngine().make_private_fast(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(_data(8, 3)),
         noise_multiplier=1.0, max_grad_norm=1.0,
     )
+    loss = l1_loss(pmodel(torch.randn(2, 3, dtype=torch.float64)), "sum") + model.fc.weight.pow(2).sum()
     with pytest.raises(UnsupportedModuleError, match="'fc.weight' received an ordinary gradient"):
-        l1_loss(pmodel(torch.randn(2, 3, dtype=torch.float64)), "sum").backward()
+        loss.backward()
+
+
+class _SequenceFirstEncoder(nn.Module):
+    """Takes (T, B, d) inputs, as Opacus' batch_first=False describes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x)).mean(0)
+
+
+@pytest.mark.parametrize("tokens", [5, 6])
+def test_batch_first_false_is_exact(tokens: int) -> None:
+    """Sequence-first inputs (T, B, d): the examples are dim 1 everywhere, also with as many tokens as examples."""
+    torch.manual_seed(0)
+    model = _SequenceFirstEncoder().double()
+    reference = _SequenceFirstEncoder().double()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(tokens, 6, 4, dtype=torch.float64)
+    data = TensorDataset(torch.randn(8, tokens, 4, dtype=torch.float64))
+    pmodel, _, _ = PrivacyEngine().make_private_fast(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(data),
+        noise_multiplier=1.0, max_grad_norm=0.05, loss_reduction="sum", batch_first=False,
+    )
+    pmodel(x).sum().backward()
+    want = _seq_first_reference(reference, x, 0.05)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.summed_grad, want[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def _seq_first_reference(model: nn.Module, x: torch.Tensor, bound: float) -> dict[str, torch.Tensor]:
+    """Clipped sum of per-example gradients, each example called alone as (T, 1, d)."""
+    params = dict(model.named_parameters())
+    out = dict.fromkeys(params, 0)
+    for i in range(x.shape[1]):
+        grads = torch.autograd.grad(model(x[:, i:i + 1]).sum(), list(params.values()))
+        factor = (bound / (torch.sqrt(sum(g.pow(2).sum() for g in grads)) + 1e-6)).clamp(max=1.0)
+        for n, g in zip(params, grads):
+            out[n] = out[n] + factor * g
+    return out
 
 
 def test_backward_twice_on_one_physical_batch_is_refused() -> None:
@@ -279,7 +329,6 @@ def test_backward_twice_on_one_physical_batch_is_refused() -> None:
     [
         ({"grad_sample_mode": "hooks"}, ValueError, "'bk'"),
         ({"clipping": "adaptive"}, ValueError, "'flat' and 'per_layer'"),
-        ({"batch_first": False}, ValueError, "batch_first"),
         ({"target_unclipped_quantile": 0.5}, TypeError, "target_unclipped_quantile"),
         ({"clipping": "per_layer"}, ValueError, "list of 6 bounds"),
         ({"max_grad_norm": 0.0}, ValueError, "max_grad_norm must be > 0"),

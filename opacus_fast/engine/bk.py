@@ -1,9 +1,10 @@
 """The BK engine: attaches captures to a model and turns each backward into clipped per-example gradient sums.
 
 capture → norms → clip factors → clipped sums. During backward every trainable layer hands its input and output
-gradient to the engine (autograd never computes weight gradients); once the *whole* backward has finished, the
-engine computes every example's gradient norm, the clip factors, and adds ``sum_i factor_i * G_i`` to
-``p.summed_grad``. The engine knows no layer type: layer rules (``grad_sample/``) do that part.
+gradient to the engine (autograd never computes weight gradients), and the batch tracker hands over the
+per-example gradients of parameters the model uses directly; once the *whole* backward has finished, the engine
+computes every example's gradient norm, the clip factors, and adds ``sum_i factor_i * G_i`` to ``p.summed_grad``.
+The engine knows no layer type: layer rules (``grad_sample/``) do that part.
 """
 
 from __future__ import annotations
@@ -11,20 +12,39 @@ from __future__ import annotations
 import contextlib
 import types
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..clipping import ClipBound, has_pending_sums
 from ..data.context import BatchContext, PhysicalBatchInfo
-from ..grad_sample import scratch_space, sq_norm, weighted_sum
+from ..grad_sample import EmbeddingBagRule, EmbeddingRule, LinearRule, scratch_space, sq_norm, weighted_sum
 from . import refusals
-from .captures import LayerCapture, Record, UnitCapture, check_unit_call
-from .planning import Site, plan_sites
+from .captures import LayerCapture, check_recomputation
+from .layout import Batch, Untracked, Whole, rows_to_examples, to_batch_first
+from .planning import FunctionalLayer, Site, plan_sites
+from .tracking import BatchTracker, ModelCall, Root, Shared
 
 Tensor = torch.Tensor
+
+
+@dataclass(eq=False)
+class Record:
+    """What one call of a site left for the end of backward: its saved inputs and output gradient (rows are the
+    examples), or its per-example gradients."""
+
+    site: Site
+    saved: tuple[Tensor, ...] = ()
+    g: Tensor | None = None
+    per_sample: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return self.saved[0].shape[0] if self.saved else next(iter(self.per_sample.values())).shape[0]
 
 
 def _rows(info: PhysicalBatchInfo) -> int:
@@ -40,6 +60,8 @@ class BKEngine:
         bound: the clip bound (shared with the optimizer, so a scheduler's change reaches both).
         loss_reduction: "mean" (the loss is averaged over the physical batch) or "sum".
         context: where the data loader publishes the current physical batch's mask.
+        batch_first: whether the batch is dim 0 of the model's inputs (else dim 1, as with Opacus'
+            ``batch_first=False``).
     """
 
     def __init__(
@@ -49,12 +71,25 @@ class BKEngine:
         bound: ClipBound,
         loss_reduction: str = "mean",
         context: BatchContext | None = None,
+        batch_first: bool = True,
     ) -> None:
-        self.sites = plan_sites(model)
+        plan = plan_sites(model)
+        self.sites = plan.layers
+        self.param_sites = plan.params
         self.model = model
         self.loss_reduction = loss_reduction
         self.context = context
         self.bound = bound
+        self.batch_dim = 0 if batch_first else 1
+        #: ``id`` of every trainable parameter at attaching
+        self.trainable = frozenset(plan.params)
+        self._names = {}
+        for name, p in model.named_parameters():
+            self._names.setdefault(id(p), name)
+        self._functional: dict[tuple, Site] = {}
+        self.tracker = BatchTracker(self)
+        #: whether forward hooks that resume tracking in checkpointing recomputations are installed
+        self._follows_recomputation = False
         self._records: list[Record] = []
         self._task: int | None = None
         self._handles: list[Any] = []
@@ -68,16 +103,25 @@ class BKEngine:
 
     # ---- attaching -------------------------------------------------------------------------------------------
     def _attach(self) -> None:
-        self._captured = frozenset(id(p) for site in self.sites for p in site.params.values())
-        #: the model's parameters and buffers: shared by all examples, so never a unit's (per-example) positional input
-        self._shared = frozenset(id(t) for t in (*self.model.parameters(), *self.model.buffers()))
+        calls: list[contextlib.ExitStack] = []
+
+        def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            stack = contextlib.ExitStack()
+            stack.enter_context(self.model_call(args, kwargs))
+            calls.append(stack)
+
+        def leave(module: nn.Module, args: tuple, output: Any) -> None:
+            if calls:
+                calls.pop().close()
+
+        self._handles.append(self.model.register_forward_pre_hook(enter, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(leave, always_call=True))
         for site in self.sites:
-            setattr(site.module, site.method, types.MethodType(self._make_call(site), site.module))
-        owners = {id(p): f"{s.module_name}.{n}" if s.module_name else n for s in self.sites for n, p in s.params.items()}
-        for site in self.sites:
-            for p in site.params.values():
-                if id(p) in owners:
-                    self._handles.append(p.register_hook(self._leak_guard(owners.pop(id(p)))))
+            site.module.forward = types.MethodType(self._make_call(site), site.module)
+        for pid in self.trainable:
+            p = self.param_sites[pid].params
+            param = next(iter(p.values()))
+            self._handles.append(param.register_hook(self._leak_guard(self._names[pid])))
 
     def add_handle(self, handle: Any) -> None:
         """Keep a hook handle (anything with ``.remove()``) to be removed by :meth:`detach`."""
@@ -86,60 +130,213 @@ class BKEngine:
     def detach(self) -> None:
         """Restore the model exactly as it was (methods and hooks)."""
         for site in self.sites:
-            site.module.__dict__.pop(site.method, None)
+            site.module.__dict__.pop("forward", None)
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self.sites = []
 
-    def model_call(self, args: tuple, kwargs: dict) -> contextlib.AbstractContextManager:
-        """The context of one call of the whole model, whose tensor arguments are the batch: every forward of the
-        user's model runs inside it (the wrapper's ``forward``, or the root module's hooks)."""
-        return contextlib.nullcontext()
+    def param_name(self, p: nn.Parameter) -> str:
+        return f"parameter '{self._names.get(id(p), '?')}'"
+
+    def describe_roots(self, roots: Any) -> str:
+        names = list(dict.fromkeys(r.name for r in roots))
+        return ", ".join(names) if names else "trainable parameters"
+
+    # ---- forward ---------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def model_call(self, args: tuple, kwargs: dict) -> Iterator[None]:
+        """The context of one call of the whole model, whose tensor arguments are the batch (entered by hooks on
+        the model, so every call of it runs inside). Without gradients (evaluation) nothing is tracked."""
+        if not torch.is_grad_enabled():
+            yield
+            return
+        self.forget_failed_backward()
+        self.note_forward()
+        info = self.context.current if self.context is not None else None
+        with self.tracker.model_call(args, kwargs, self.batch_dim, _rows(info) if info is not None else None):
+            yield
 
     def _make_call(self, site: Site) -> Callable:
-        """The method installed on ``site.module``, bound to it so that ``copy.deepcopy`` (an EMA model,
+        """The ``forward`` installed on a rule layer, bound to it so that ``copy.deepcopy`` (an EMA model,
         ``AveragedModel``) rebinds it to the copy: a copy, and any call without gradients (evaluation,
         ``torch.inference_mode``), run the class's own method; only grad-enabled calls of the original are captured."""
-        own = getattr(type(site.module), site.method)
-        capture = self._capture_layer(site) if site.rule is not None else self._capture_unit(site)
+        own = type(site.module).forward
+        rule = site.rule
 
         def call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
             if module is not site.module or not torch.is_grad_enabled():
                 return own(module, *args, **kwargs)
+            if args[1:] or kwargs:
+                raise refusals.layer_extra_args(site.module_name)
             self.forget_failed_backward()
             self.note_forward()
-            return capture(*args, **kwargs)
+            check_recomputation(site)
+            return self.run_layer(site, rule.prepare(module, args[0]))
 
         return call
 
-    def _capture_layer(self, site: Site) -> Callable[..., Tensor]:
-        rule = site.rule
+    def run_layer(self, site: Site, x: Tensor, decided_by: Tensor | None = None) -> Tensor:
+        """Run a rule layer through the capture, deciding from the tracker how its rows relate to examples: rows of
+        the batch (as its layout says), or a batch-less input whose output's per-example cotangents the tracker
+        collects (a root). ``decided_by``: the tensor whose rows are the output's (default ``x``)."""
+        call = self.tracker.call
+        how: Batch | Root | None = None
+        if call is not None:
+            self.watch_checkpointing()
+            tag = call.tag(x if decided_by is None else decided_by)
+            if isinstance(tag, Untracked):
+                raise refusals.untracked_input(site.describe(), tag.why)
+            if isinstance(tag, Whole):
+                how = Batch(0, 1, x.shape[0]) if decided_by is None else Batch(0)
+            elif isinstance(tag, Batch):
+                how = tag
+            else:
+                how = Root(call, f"the output of {site.describe()}")
+                how.rows_ok = True
+        with self.tracker.paused():
+            out = LayerCapture.apply(self, site, x, self.anchor, how, call.batch if call is not None else 0)
+        if call is not None:
+            if isinstance(how, Root):
+                how.tensor = out
+                call.set(out, Shared((how,)))
+            else:
+                call.set(out, tag)
+        return out
 
-        def capture(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            if args or kwargs:
-                raise refusals.layer_extra_args(site.module_name)
-            return LayerCapture.apply(self, site, rule.prepare(site.module, x), self.anchor)
+    def capture_functional(self, func: Callable, args: tuple, kwargs: dict, call: ModelCall) -> Tensor | None:
+        """``F.linear(x, weight, bias)`` or ``F.embedding(x, weight, ...)`` on the batch with a parameter as weight:
+        captured with the layer's own rule (None if this call is not one of those)."""
+        if func is F.linear:
+            x, weight, bias = _args(args, kwargs, ("input", "weight", "bias"), (None, None, None))
+            attrs = {"weight": weight, "bias": bias}
+            rule, key = LinearRule(), ("linear", id(weight), id(bias))
+        elif func is F.embedding:
+            x, weight, padding_idx, max_norm, norm_type, by_freq, sparse = _args(
+                args, kwargs, ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
+                               "sparse"), (None, None, None, None, 2.0, False, False))
+            if padding_idx is not None and padding_idx < 0:
+                padding_idx += weight.shape[0]
+            attrs = {"weight": weight, "padding_idx": padding_idx, "max_norm": max_norm, "norm_type": norm_type,
+                     "scale_grad_by_freq": by_freq, "sparse": sparse, "num_embeddings": weight.shape[0]}
+            rule, key = EmbeddingRule(), ("embedding", id(weight), padding_idx, max_norm, by_freq, sparse)
+        elif func is F.embedding_bag:
+            return self._capture_bags(args, kwargs, call)
+        else:
+            return None
+        if isinstance(call.tag(x), Shared) or not isinstance(weight, nn.Parameter):
+            return None
+        params = {n: t for n, t in attrs.items() if isinstance(t, Tensor) and t.requires_grad}
+        if any(not isinstance(t, nn.Parameter) or id(t) not in self.trainable for t in params.values()):
+            return None
+        site = self._functional.get(key)
+        if site is None:
+            layer = FunctionalLayer(func.__name__, **attrs)
+            names = " and ".join(self.param_name(t) for t in params.values())
+            site = Site(layer, f"F.{func.__name__} on {names}", params, rule)
+            reason = rule.validate(layer)
+            if reason:
+                raise refusals.UnsupportedModuleError(f"{site.describe()}: {reason}")
+            self._functional[key] = site
+        return self.run_layer(site, x)
 
-        return capture
+    def _capture_bags(self, args: tuple, kwargs: dict, call: ModelCall) -> Tensor | None:
+        """``F.embedding_bag`` with a parameter as weight: each bag is an example (its rows come from the offsets
+        with 1-D ids, from the ids' rows with 2-D ids)."""
+        names = ("input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode", "sparse",
+                 "per_sample_weights", "include_last_offset", "padding_idx")
+        x, weight, offsets, max_norm, _, by_freq, mode, sparse, psw, last, padding_idx = _args(
+            args, kwargs, names, (None, None, None, None, 2.0, False, "mean", False, None, False, None))
+        if not isinstance(weight, nn.Parameter) or id(weight) not in self.trainable:
+            return None
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += weight.shape[0]
+        layer = FunctionalLayer("embedding_bag", weight=weight, offsets=offsets, max_norm=max_norm,
+                                scale_grad_by_freq=by_freq, mode=mode, sparse=sparse, per_sample_weights=psw,
+                                include_last_offset=last, padding_idx=padding_idx, num_embeddings=weight.shape[0])
+        site = Site(layer, f"F.embedding_bag on {self.param_name(weight)}", {"weight": weight}, EmbeddingBagRule())
+        reason = site.rule.validate(layer)
+        if reason:
+            raise refusals.UnsupportedModuleError(f"{site.describe()}: {reason}")
+        return self.run_layer(site, x, decided_by=x if x.dim() == 2 else offsets)
 
-    def _capture_unit(self, site: Site) -> Callable[..., Tensor]:
-        def capture(*inputs: Any, **kwargs: Any) -> Tensor:
-            check_unit_call(site, inputs, kwargs, self._shared, self.model)
-            versions = [x._version for x in inputs]
-            out = UnitCapture.apply(self, site, kwargs, len(inputs), *inputs, self.anchor)
-            if [x._version for x in inputs] != versions:
-                raise refusals.unit_inplace(site.describe_method())
-            return out
+    def watch_checkpointing(self) -> None:
+        """Inside non-reentrant activation checkpointing (seen during forward), make every submodule resume the
+        tracker when backward recomputes it: the recomputation must rewrite parameter uses as the forward did, or
+        the tensors it recomputes would not match those the forward saved."""
+        if self._follows_recomputation:
+            return
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if hooks is None or not getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook"):
+            return
+        self._follows_recomputation = True
+        resumed: list[contextlib.ExitStack] = []
 
-        return capture
+        def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            stack = contextlib.ExitStack()
+            if self.tracker.call is None and torch._C._current_graph_task_id() != -1:
+                call = ModelCall.of(torch.utils._pytree.tree_leaves((args, kwargs)))
+                if call is not None:
+                    stack.enter_context(self.tracker.resumed(call))
+            resumed.append(stack)
+
+        def leave(module: nn.Module, args: tuple, output: Any) -> None:
+            if resumed:
+                resumed.pop().close()
+
+        for module in self.model.modules():
+            if module is not self.model:
+                self._handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
+                self._handles.append(module.register_forward_hook(leave, always_call=True))
 
     @staticmethod
     def _leak_guard(name: str) -> Callable[[Tensor], None]:
-        def hook(grad: Tensor) -> None:
-            raise refusals.ordinary_gradient(name)
+        def hook(grad: Tensor | None) -> None:
+            if grad is not None:
+                raise refusals.ordinary_gradient(name)
 
         return hook
+
+    # ---- records -----------------------------------------------------------------------------------------------
+    def record_layer(self, site: Site, saved: tuple[Tensor, ...], g: Tensor, layout: Batch | None,
+                     batch: int) -> None:
+        """Record a rule layer's call whose rows hold the examples as ``layout`` says (None: dim 0 as it is)."""
+        rule = site.rule
+        if layout is not None and layout != Batch(0):
+            if rule.tokenwise:
+                saved = tuple(to_batch_first(t, layout, batch) for t in saved)
+                g = to_batch_first(g, layout, batch)
+            elif layout.dim == 0:
+                rows = rule.per_sample(site.module, saved, g, site.params)
+                self.record(Record(site, per_sample={n: rows_to_examples(t, layout, batch) for n, t in rows.items()}))
+                return
+            else:
+                raise refusals.layout_unsupported(site.describe(), f"in dim {layout.dim}")
+        if rule.eager and g.shape[0] > 0:  # tiny parameters: per-example grads now, while x and g are hot
+            self.record(Record(site, per_sample=rule.per_sample(site.module, saved, g, site.params)))
+        else:
+            self.record(Record(site, saved=saved, g=g))
+
+    def record_root(self, site: Site, saved: tuple[Tensor, ...], root: Root) -> None:
+        """Record a rule layer's call on a batch-less input from the per-example cotangents its output collected."""
+        batch = root.call.batch
+        if root.rows is not None and root.per_example is not None:
+            raise refusals.shared_rows(f"the output of {site.describe()}")
+        if root.rows is not None:
+            self.record_layer(site, saved, root.rows, None, batch)
+        elif root.per_example is not None:
+            if site.rule.tokenwise:
+                expanded = tuple(t.unsqueeze(0).expand(batch, *t.shape) for t in saved)
+                self.record_layer(site, expanded, root.per_example, None, batch)
+            else:  # every example uses all rows of the input: rows (example, row) grouped by example
+                rows = saved[0].shape[0]
+                repeated = tuple(t.unsqueeze(0).expand(batch, *t.shape).flatten(0, 1) for t in saved)
+                self.record_layer(site, repeated, root.per_example.flatten(0, 1), Batch(0, 1, rows), batch)
+
+    def record_param(self, p: nn.Parameter, per_example: Tensor) -> None:
+        """Record the per-example gradients ``(B, *p.shape)`` of a parameter's direct uses in one model call."""
+        site = self.param_sites[id(p)]
+        self.record(Record(site, per_sample={next(iter(site.params)): per_example}))
 
     # ---- backward ------------------------------------------------------------------------------------------
     def computes_param_grads(self) -> bool:
@@ -175,7 +372,7 @@ class BKEngine:
     def _check_coverage(self) -> None:
         """Refuse parameters made trainable after attaching: nothing captures them, so they would get noise only."""
         for name, p in self.model.named_parameters():
-            if p.requires_grad and id(p) not in self._captured:
+            if p.requires_grad and id(p) not in self.trainable:
                 raise refusals.parameter_unfrozen(name)
 
     def _mask(self, batch: int) -> Tensor | None:
@@ -289,3 +486,8 @@ def _accumulate(p: nn.Parameter, s: Tensor) -> None:
         p.summed_grad = s
     else:
         p.summed_grad.add_(s)
+
+
+def _args(args: tuple, kwargs: dict, names: tuple[str, ...], defaults: tuple) -> list[Any]:
+    """A function call's arguments by position or keyword, in the order of ``names``."""
+    return [args[i] if i < len(args) else kwargs.get(n, d) for i, (n, d) in enumerate(zip(names, defaults))]

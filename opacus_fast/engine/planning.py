@@ -1,33 +1,52 @@
-"""Planning: which trainable parameter is captured how (a layer rule, a unit, or its own leaf module), decided once
-at attaching, with every part that cannot be handled exactly collected into one error."""
+"""Planning: how each trainable parameter is captured, decided once at attaching, with every part that cannot be
+handled exactly collected into one error.
+
+A parameter of a layer with a rule (``grad_sample/``) is captured where its layer is called: the layer's
+``forward`` is replaced by a capture. Every trainable parameter also has a *parameter site*: wherever the model
+uses it directly (a class token, a layer scale, ``F.linear(x, self.weight)``), the batch tracker collects its
+per-example gradient there (see :mod:`opacus_fast.engine.tracking`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..grad_sample import LayerRule, find_rule, find_unit
+from ..grad_sample import LayerRule, find_rule
 from . import refusals
 from .refusals import UnsupportedModuleError, describe
 
 
 @dataclass(eq=False)
 class Site:
-    """One captured call target: a rule layer, or a unit method, with its trainable parameters."""
+    """Where parameters are captured: a rule layer's calls (``rule`` set), or one parameter's direct uses."""
 
-    module: nn.Module
+    module: object
     module_name: str
-    method: str
     params: dict[str, nn.Parameter]
     rule: LayerRule | None = None
 
     def describe(self) -> str:
-        """How errors name this site: ``'name' (Type)``, plus ``.method`` for a unit other than ``forward``."""
-        return describe(self.module_name, self.module)
+        """How errors name this site: ``'name' (Type)`` for a module."""
+        return describe(self.module_name, self.module) if isinstance(self.module, nn.Module) else self.module_name
 
-    def describe_method(self) -> str:
-        return f"{self.describe()}.{self.method}"
+
+class FunctionalLayer:
+    """A functional layer call (``F.linear``, ``F.embedding``) with its weight and options as attributes, in the
+    shape of the layer module its rule expects."""
+
+    def __init__(self, kind: str, **attrs: object) -> None:
+        self.kind = kind
+        self.__dict__.update(attrs)
+
+
+@dataclass
+class Plan:
+    """The rule layers whose calls are captured, and a site for every trainable parameter (by ``id``)."""
+
+    layers: list[Site] = field(default_factory=list)
+    params: dict[int, Site] = field(default_factory=dict)
 
 
 def own_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -40,49 +59,34 @@ def own_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
     return own
 
 
-def plan_sites(model: nn.Module) -> list[Site]:
+def plan_sites(model: nn.Module) -> Plan:
     """Decide how every trainable parameter is captured, or raise naming what cannot be handled exactly."""
-    sites: list[Site] = []
-    problems: list[str] = []
+    plan = Plan()
+    problems: list[tuple[str, str, str]] = []  # (module type, module name, reason)
     refused: set[int] = set()  # modules inside a refused one: reported with it
     for name, module in model.named_modules():
         if id(module) in refused:
             continue
         reason = refusals.module_refusal(module)
         if reason:
-            problems.append(f"{describe(name, module)} {reason}")
+            problems.append((type(module).__name__, name, reason))
             refused.update(id(m) for m in module.modules())
             continue
         own = own_trainable(module)
-        if not own:
+        for pname, p in own.items():
+            if id(p) not in plan.params:
+                plan.params[id(p)] = Site(module, f"{name}.{pname}" if name else pname, {pname: p})
+        rule = find_rule(module) if own else None
+        if rule is None:
             continue
-        rule = find_rule(module)
-        if rule is not None:
-            unknown = sorted(set(own) - set(rule.params))
-            reason = rule.validate(module) or (refusals.unknown_params(unknown) if unknown else None)
-            if reason:
-                problems.append(f"{describe(name, module)}: {reason}")
-            else:
-                sites.append(Site(module, name, "forward", own, rule))
-            continue
-        unit = find_unit(module)
-        if unit is not None and set(own) <= set(unit.params):
-            sites.append(Site(module, name, unit.method, own))
-            continue
-        child_params = [
-            f"{name}.{n}" if name else n
-            for child_name, child in module.named_children()
-            for n, p in child.named_parameters(prefix=child_name)
-            if p.requires_grad
-        ]
-        if not child_params:
-            sites.append(Site(module, name, "forward", own))
-            continue
-        full = ", ".join(f"{name}.{n}" if name else n for n in own)
-        problems.append(f"{describe(name, module)} {refusals.own_and_child_params(full)}")
-    for site in sites:
-        if site.method in vars(site.module):
-            problems.append(f"{site.describe()} {refusals.instance_method(site.method)}")
+        unknown = sorted(set(own) - set(rule.params))
+        reason = rule.validate(module) or (refusals.unknown_params(unknown) if unknown else None)
+        if reason:
+            problems.append((type(module).__name__, name, reason))
+        elif "forward" in vars(module):
+            problems.append((type(module).__name__, name, refusals.instance_method("forward")))
+        else:
+            plan.layers.append(Site(module, name, own, rule))
     if problems:
-        raise UnsupportedModuleError("opacus_fast cannot clip this model exactly:\n- " + "\n- ".join(problems))
-    return sites
+        raise UnsupportedModuleError(refusals.model_refused(problems))
+    return plan

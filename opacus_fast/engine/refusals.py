@@ -37,23 +37,23 @@ def trainable(module: nn.Module) -> bool:
 
 
 def module_refusal(module: nn.Module) -> str | None:
-    """Why ``module`` (and all inside it) cannot be captured, whatever rule or unit would apply (None if it can)."""
+    """Why ``module`` (and all inside it) cannot be captured, whatever would apply (None if it can)."""
     if isinstance(module, MIXING):
         return (
-            "mixes examples within a batch (batch statistics), so per-example gradients do not exist; replace it, "
+            "it mixes examples within a batch (batch statistics), so per-example gradients do not exist; replace it, "
             "e.g. with opacus.validators.ModuleValidator.fix(model) (BatchNorm → GroupNorm)"
             + ("" if type(module).__module__.startswith("torch.") else "; that converts torch's own BatchNorm "
                "classes only, so replace this subclass by hand (e.g. by a GroupNorm followed by its activation)")
         )
     if isinstance(module, nn.RNNBase) and trainable(module):
         return (
-            "runs a fused recurrent kernel that cannot be run per example (vmap has no batching rule for it); use "
+            "it runs a fused recurrent kernel that cannot be run per example (vmap has no batching rule for it); use "
             "Opacus' drop-in replacements from opacus.layers (DPLSTM, DPGRU, DPRNN), built from Linear layers: "
             "opacus.validators.ModuleValidator.fix(model) converts nn.LSTM and nn.GRU, replace nn.RNN by DPRNN by hand"
         )
     if parametrize.is_parametrized(module) and trainable(module.parametrizations):
         return (
-            "is parametrized (torch.nn.utils.parametrize, e.g. torch.nn.utils.parametrizations.weight_norm or "
+            "it is parametrized (torch.nn.utils.parametrize, e.g. torch.nn.utils.parametrizations.weight_norm or "
             "spectral_norm): its weights are computed outside the layer, so their per-example gradients cannot be "
             "isolated; remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations) or freeze it"
         )
@@ -63,26 +63,16 @@ def module_refusal(module: nn.Module) -> str | None:
 def unknown_params(unknown: list[str]) -> str:
     """A rule layer with trainable parameters its rule does not compute."""
     return (
-        f"has trainable parameters its rule does not know ({', '.join(unknown)}), e.g. from an old-style "
+        f"it has trainable parameters its rule does not know ({', '.join(unknown)}), e.g. from an old-style "
         "torch.nn.utils.weight_norm (weight_g, weight_v) or spectral_norm (weight_orig); remove that "
         "reparametrization (torch.nn.utils.remove_weight_norm / remove_spectral_norm) or the extra parameters"
-    )
-
-
-def own_and_child_params(full: str) -> str:
-    """A module with its own parameters and trainable submodules, whose parameters cannot be isolated."""
-    return (
-        f"has its own trainable parameters ({full}) and also trainable submodules, so its parameters' per-example "
-        "gradients cannot be isolated from the rest of the model. Freeze them (p.requires_grad_(False)), move them "
-        "into a small submodule of their own, or register the method that uses them with "
-        "opacus_fast.grad_sample.register_unit"
     )
 
 
 def instance_method(method: str) -> str:
     """A captured method replaced on the instance, which the capture would bypass."""
     return (
-        f"has its own '{method}' set on the instance (by accelerate's hooks, a monkeypatch, or a make_private_fast "
+        f"it has its own '{method}' set on the instance (by accelerate's hooks, a monkeypatch, or a make_private_fast "
         "without cleanup()), which the capture would bypass; remove it before make_private_fast, or put it on a "
         "wrapper module around this one"
     )
@@ -95,69 +85,89 @@ def parameter_unfrozen(name: str) -> UnsupportedModuleError:
     )
 
 
-# ---- units (methods run per example) ------------------------------------------------------------------------------
-def unit_not_tensor(unit: str, what: str) -> UnsupportedModuleError:
-    return UnsupportedModuleError(
-        f"{unit} returns {what}, not a tensor: opacus_fast captures units that return one batch-first tensor; split "
-        "the module so that each part returns one tensor"
-    )
-
-
-def unit_rows(unit: str, rows: int, shape: tuple[int, ...]) -> UnsupportedModuleError:
-    return UnsupportedModuleError(
-        f"{unit}, run on one example ({rows} row), returns shape {shape}: its output must have the input's rows as "
-        "dim 0 (batch first), and an example must not see other examples (e.g. a whole-batch tensor held by the "
-        "module)"
-    )
-
-
-def unit_hidden_input(unit: str, what: str) -> UnsupportedModuleError:
-    """A unit whose output depends on tensors that require grad but are not its inputs."""
-    return UnsupportedModuleError(
-        f"{unit} uses {what} that is neither one of its own parameters nor a positional input (e.g. another module's "
-        "parameter reached through an unregistered reference, or a weight computed by a forward pre-hook): the unit "
-        "runs per example inside a capture that would drop that gradient path. Use a parameter only in modules that "
-        "register it (tie weights by assignment, e.g. decoder.weight = embedding.weight), and pass per-example "
-        "tensors positionally (batch first)"
-    )
-
-
-def unit_positional(unit: str) -> TypeError:
-    return TypeError(
-        f"{unit}: opacus_fast needs tensor positional inputs (batch first); pass other arguments by keyword"
-    )
-
-
-def unit_keyword_tensors(held: list[str]) -> str:
-    return (
-        f"keyword argument(s) {', '.join(held)} hold tensors other than the model's buffers, which every example's "
-        "call would get whole (mixing examples, or losing their gradient). Pass per-example tensors positionally "
-        "(batch first); keep tensors shared by all examples in the model's buffers"
-    )
-
-
-def unit_shared_inputs(which: str) -> str:
-    return (
-        f"positional input(s) {which} hold the model's parameters or buffers, shared by all examples, but each "
-        "positional tensor is cut into examples along dim 0. Pass such a buffer by keyword (every example then "
-        "gets it whole), or read it from this module's own buffers"
-    )
-
-
-def unit_unbatched_inputs(rows: list[int]) -> str:
-    return (
-        f"positional inputs with dim 0 of sizes {rows}; each is cut into examples along dim 0, so all must be batch "
-        "first. Pass tensors shared by all examples (e.g. a position table) as the model's buffers, by keyword"
-    )
-
-
-def unit_inplace(unit: str) -> UnsupportedModuleError:
-    return UnsupportedModuleError(f"{unit} modifies its input in place; disable that (e.g. inplace=False)")
+def model_refused(problems: list[tuple[str, str, str]]) -> str:
+    """One error for every refused part, ``(module type, module name, reason)``: each type and reason once, with
+    how many modules it concerns and the first few names."""
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for kind, name, reason in problems:
+        grouped.setdefault((kind, reason), []).append(name or "<root>")
+    lines = []
+    for (kind, reason), names in grouped.items():
+        if len(names) == 1:
+            lines.append(f"'{names[0]}' ({kind}): {reason}")
+            continue
+        shown = ", ".join(f"'{n}'" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        lines.append(f"{kind} in {len(names)} modules ({shown}): {reason}")
+    return "opacus_fast cannot clip this model exactly:\n- " + "\n- ".join(lines)
 
 
 # ---- during forward and backward ----------------------------------------------------------------------------------
 def layer_extra_args(name: str) -> TypeError:
     return TypeError(f"{name}: opacus_fast captures single-input calls of this layer only")
+
+
+def used_without_examples(name: str) -> UnsupportedModuleError:
+    """A parameter, or a layer's output on a batch-less input, reached by a gradient that comes from no example."""
+    return UnsupportedModuleError(
+        f"{name} received a gradient that does not come from the examples of the batch: the model uses it in a way "
+        "that never meets the batch (e.g. a term of the loss computed from it alone, such as a penalty, or an "
+        "output of the model that does not depend on the inputs), so that gradient cannot be clipped per example. "
+        "Leave such terms out of private training; for weight decay use the optimizer's weight_decay"
+    )
+
+
+def meets_untracked(op: str, why: str) -> UnsupportedModuleError:
+    """A parameter (or what depends on it) meets tensors derived from the batch whose examples cannot be placed."""
+    return UnsupportedModuleError(
+        f"a {op} combines trainable parameters with tensors derived from the batch, but where the examples are in "
+        f"those tensors is unknown ({why}), so the parameters' per-example gradients cannot be told apart. Keep "
+        "the batch as a dim of its own through the model (batch first, or sequence first with batch_first=False)"
+    )
+
+
+def mixes_examples(op: str, why: str) -> UnsupportedModuleError:
+    """Values computed across examples (a batch mean) combined back with the examples: each example's result then
+    depends on the others, so no per-example gradient bounds an example's influence."""
+    return UnsupportedModuleError(
+        f"a {op} combines the examples with values computed across the batch ({why}): each example's result then "
+        "depends on the other examples, which per-example clipping cannot bound (as with BatchNorm). Compute such "
+        "statistics per example (e.g. LayerNorm or GroupNorm instead of batch statistics)"
+    )
+
+
+def shared_modified(op: str) -> UnsupportedModuleError:
+    return UnsupportedModuleError(
+        f"a {op} modifies, in place, a tensor computed from trainable parameters alone with values from the batch; "
+        "compute it out of place (e.g. a = a + x instead of a += x)"
+    )
+
+
+def shared_rows(names: str) -> UnsupportedModuleError:
+    """A tensor computed from parameters without the batch, with a dim of the batch's size whose rows differ,
+    placed against the examples: which row belongs to which example cannot be followed back to the parameters."""
+    return UnsupportedModuleError(
+        f"a tensor computed from {names} without the batch is combined with the examples along a dim of the batch's "
+        "size whose rows are not copies of one row; opacus_fast cannot follow its rows back to those parameters per "
+        "example. Compute it with one row (size 1 along the batch, broadcast by the operation) or from the batch "
+        "itself"
+    )
+
+
+def untracked_input(site: str, why: str) -> UnsupportedModuleError:
+    """A rule layer whose input derives from the batch in a way whose examples cannot be placed (or are mixed)."""
+    return UnsupportedModuleError(
+        f"{site}: its input derives from the batch, but {why}, so its rows cannot be assigned to examples. Keep the "
+        "batch as a dim of its own through the model (batch first, or sequence first with batch_first=False) and "
+        "do not combine examples before this layer"
+    )
+
+
+def layout_unsupported(site: str, where: str) -> UnsupportedModuleError:
+    return UnsupportedModuleError(
+        f"{site}: its input holds the examples {where}, which this layer's rule cannot split into examples (a "
+        "convolution or group norm needs the batch in dim 0, possibly folded with other axes as (B*k, ...)); "
+        "move the batch to dim 0 before this layer"
+    )
 
 
 def higher_order(where: str) -> UnsupportedModuleError:
@@ -185,6 +195,17 @@ def nested_backward() -> UnsupportedModuleError:
         "a backward pass ran inside another one (reentrant activation checkpointing, "
         "torch.utils.checkpoint(..., use_reentrant=True), or backward() called from a backward hook): each example's "
         "gradient would be clipped in separate parts. Use torch.utils.checkpoint(..., use_reentrant=False)"
+    )
+
+
+def reentrant_checkpoint(site: str) -> UnsupportedModuleError:
+    return UnsupportedModuleError(
+        f"{site} runs inside reentrant activation checkpointing (torch.utils.checkpoint(..., use_reentrant=True), "
+        "also Hugging Face's gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': True}) "
+        "or its default in older versions): its recomputed part gets a backward pass of its own, so each example's "
+        "gradient would be clipped in separate parts. Use non-reentrant checkpointing: "
+        "torch.utils.checkpoint(..., use_reentrant=False), or gradient_checkpointing_enable("
+        "gradient_checkpointing_kwargs={'use_reentrant': False})"
     )
 
 
@@ -216,14 +237,14 @@ def logical_batch_pending() -> RuntimeError:
 
 def rows_mismatch(rows: int, batch: int) -> RuntimeError:
     return RuntimeError(
-        f"the physical batch has {rows} rows but the model's layers saw {batch}: every layer input must have the "
-        "batch as dim 0 (batch_first=True). A model that folds tokens or time steps into dim 0 (e.g. "
-        "x.reshape(-1, d)) or runs its layers sequence-first cannot be clipped per example"
+        f"the physical batch has {rows} rows but the model call's batch inputs have {batch} examples: call the model "
+        "on the batch the data loader returned (with batch_first=False, the batch is dim 1 of each input)"
     )
 
 
 def layers_disagree(name: str, rows: int, batch: int) -> RuntimeError:
     return RuntimeError(
-        f"{name}: saw {rows} examples but other layers saw {batch}; opacus_fast needs the batch as dim 0 of every "
-        "layer input (batch_first=True)"
+        f"{name}: saw {rows} examples but other layers saw {batch} in the same backward pass: call the model on "
+        "one batch at a time (a layer called outside the model's own call, e.g. on a batch of another size, takes "
+        "dim 0 of its input as the batch)"
     )

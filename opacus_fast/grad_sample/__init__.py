@@ -1,6 +1,8 @@
-"""Layer rules (one file per layer family) and units for parameters outside any rule layer."""
+"""Layer rules, one file per layer family: per-example gradient norms and clipped sums of each layer's parameters."""
 
 from . import conv, embedding, linear, norm  # noqa: F401  (registers the rules)
+from .embedding import EmbeddingBagRule, EmbeddingRule
+from .linear import LinearRule
 from .registry import (
     LayerRule,
     find_rule,
@@ -11,17 +13,15 @@ from .registry import (
     sq_norm,
     weighted_sum,
 )
-from .units import find_unit, foreign_leaves, register_unit, run_per_example
 
 __all__ = [
+    "EmbeddingBagRule",
+    "EmbeddingRule",
     "LayerRule",
+    "LinearRule",
     "find_rule",
-    "find_unit",
-    "foreign_leaves",
     "norm_dtype",
     "register_rule",
-    "register_unit",
-    "run_per_example",
     "scale_examples",
     "scratch_space",
     "sq_norm",

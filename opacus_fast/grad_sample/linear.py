@@ -105,6 +105,8 @@ def _flat(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
 
 @register_rule(nn.Linear)
 class LinearRule(LayerRule):
+    tokenwise = True
+
     def forward(self, layer: nn.Linear, x: Tensor) -> tuple[Tensor, Saved]:
         return F.linear(x, layer.weight, layer.bias), (x,)
 
@@ -151,3 +153,29 @@ class LinearRule(LayerRule):
         if "bias" in names:
             out["bias"] = gf.sum(dim=1)
         return out
+
+
+@register_rule("transformers.pytorch_utils.Conv1D")
+class TransposedLinearRule(LinearRule):
+    """Hugging Face's ``Conv1D`` (GPT-2's layers): a Linear whose weight is stored as (in_features, out_features)."""
+
+    def forward(self, layer: nn.Module, x: Tensor) -> tuple[Tensor, Saved]:
+        return F.linear(x, layer.weight.t(), layer.bias), (x,)
+
+    def input_grad(self, layer: nn.Module, saved: Saved, g: Tensor) -> Tensor:
+        return torch.matmul(g, layer.weight.t().to(g.dtype))
+
+    def clipped_sum(
+        self, layer: nn.Module, saved: Saved, g: Tensor, factors: dict[str, Tensor], cache: Any
+    ) -> dict[str, Tensor]:
+        return _transposed(super().clipped_sum(layer, saved, g, factors, cache), 0)
+
+    def per_sample(self, layer: nn.Module, saved: Saved, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
+        return _transposed(super().per_sample(layer, saved, g, names), 1)
+
+
+def _transposed(grads: dict[str, Tensor], first: int) -> dict[str, Tensor]:
+    """The weight's entry transposed back to the stored layout (dims ``first`` and ``first + 1``)."""
+    if "weight" in grads:
+        grads["weight"] = grads["weight"].transpose(first, first + 1)
+    return grads

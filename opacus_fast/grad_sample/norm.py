@@ -62,6 +62,8 @@ class _AffineNormRule(LayerRule):
 # timm's LayerNorm only adds an optional fused kernel for the same function
 @register_rule(nn.LayerNorm, "timm.layers.norm.LayerNorm")
 class LayerNormRule(_AffineNormRule):
+    tokenwise = True
+
     def forward(self, layer: nn.LayerNorm, x: Tensor) -> tuple[Tensor, Saved]:
         dtype = _compute_dtype(x)
         xc = x.to(dtype)

@@ -36,6 +36,10 @@ class LayerRule:
     params: tuple[str, ...] = ("weight", "bias")
     #: compute per-example gradients during backward instead of keeping (x, g) until its end (tiny parameters)
     eager: bool = False
+    #: the layer acts on each position of its input's leading dims alike (Linear, Embedding, LayerNorm), so the
+    #: rule accepts any number of leading dims after the batch: folded or moved examples are brought to the front
+    #: and the other axes become positions. Otherwise (Conv, GroupNorm) the rule needs the batch in dim 0.
+    tokenwise: bool = False
 
     def validate(self, layer: nn.Module) -> str | None:
         """Return why ``layer`` cannot be handled exactly (None if it can)."""

@@ -1,7 +1,9 @@
-"""Units (modules run one example at a time) and attaching: each case is exact or refused clearly.
+"""Parameters the model uses directly (not through a layer with a rule), and attaching: each case is exact or
+refused clearly.
 
-Each refused case here would otherwise train without an error while dropping a gradient path or mixing examples;
-copies of an attached model and forward passes without gradients must compute with the plain layers.
+The batch tracker gives each direct use of a parameter its per-example gradient wherever it meets the batch: a tied
+weight read through a reference or a keyword, tables and masks passed any way, outputs of any structure, layers run
+sequence first. Copies of an attached model and forward passes without gradients compute with the plain layers.
 """
 
 from __future__ import annotations
@@ -17,11 +19,9 @@ from oracle import bk_clipped_sum, l1_loss, loop_clipped_sum, median_bound
 from torch import nn
 from torch.nn.utils import parametrizations, spectral_norm, weight_norm
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader, TensorDataset
 
 from opacus_fast import UnsupportedModuleError
 from opacus_fast.clipping import ClipBound
-from opacus_fast.data import DPDataLoader
 from opacus_fast.data.context import BatchContext
 from opacus_fast.engine import BKEngine
 
@@ -121,33 +121,17 @@ class RotaryNet(nn.Module):
         return self.head(h.tanh()).mean(1)
 
 
-def test_unit_reading_another_modules_parameter_is_refused_naming_both() -> None:
-    """The decoder's use of emb.weight once vanished from emb.weight's clipped sum and from every norm."""
+@pytest.mark.parametrize("by_keyword", [False, True])
+def test_tied_weight_read_by_reference_or_keyword_is_exact(by_keyword: bool) -> None:
+    """emb.weight used by the embedding and, through F.linear, by the decoder: one summed per-example gradient."""
     torch.manual_seed(0)
-    model = TiedDecoderLM(by_keyword=False).double()
-    BKEngine(model, bound=ClipBound(1.0), loss_reduction="sum")
-    with pytest.raises(UnsupportedModuleError, match=r"'dec' \(DecoderByReference\)\.forward uses parameter\(s\) "
-                                                     r"'emb\.weight'"):
-        model(torch.randint(0, 9, (B, T)))
+    assert_exact(TiedDecoderLM(by_keyword=by_keyword).double(), torch.randint(0, 9, (B, T)))
 
 
-@pytest.mark.parametrize("case", ["tied weight in a dict", "trainable tables in a tuple"])
-def test_tensors_inside_container_keywords_are_refused(case: str) -> None:
+@pytest.mark.parametrize("positional", [True, False])
+def test_tables_computed_by_a_layer_are_exact_however_passed(positional: bool) -> None:
     torch.manual_seed(0)
-    if case == "tied weight in a dict":
-        model, x, match = TiedDecoderLM(by_keyword=True).double(), torch.randint(0, 9, (B, T)), r"'dec'.*tied hold"
-    else:
-        model, x = RotaryNet(positional=False).double(), torch.randn(B, T, 3, dtype=torch.float64)
-        match = r"'rot' \(Rotate\)\.forward: keyword argument\(s\) rope hold tensors"
-    BKEngine(model, bound=ClipBound(1.0), loss_reduction="sum")
-    with pytest.raises(UnsupportedModuleError, match=match):
-        model(x)
-
-
-def test_unit_with_positional_inputs_that_require_grad_is_exact() -> None:
-    """The same tables passed positionally: both the unit's and the upstream layer's gradients are exact."""
-    torch.manual_seed(0)
-    assert_exact(RotaryNet(positional=True).double(), torch.randn(B, T, 3, dtype=torch.float64))
+    assert_exact(RotaryNet(positional=positional).double(), torch.randn(B, T, 3, dtype=torch.float64))
 
 
 # ---- 2. keyword tensors, outputs that are not one batch-first tensor -----------------------------------------
@@ -184,30 +168,35 @@ def _padded_ids() -> torch.Tensor:
 
 
 @pytest.mark.parametrize("by_keyword", [True, False])
-def test_unit_that_sees_the_whole_batch_is_refused(by_keyword: bool) -> None:
-    """Every example was pooled with all examples' masks: a (B, B, C) output and wrong sums, without an error."""
+def test_parameter_with_a_mask_given_or_held_is_exact(by_keyword: bool) -> None:
+    """The query meets each example's tokens; the mask is the example's own, given by keyword or set as an
+    attribute by the parent."""
     torch.manual_seed(0)
-    model = PooledClassifier(by_keyword).double()
-    BKEngine(model, bound=ClipBound(1.0), loss_reduction="sum")
-    match = r"keyword argument\(s\) mask hold tensors" if by_keyword else r"returns shape \(6, 4\)"
-    with pytest.raises(UnsupportedModuleError, match=r"'pool' \(AttentionPool\)\.forward.*" + match):
-        model(_padded_ids())
+    assert_exact(PooledClassifier(by_keyword).double(), _padded_ids())
 
 
 class TwoOutputs(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.scale = nn.Parameter(torch.ones(D))
+        self.scale = nn.Parameter(torch.rand(D) + 0.5)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x * self.scale, x
 
 
-def test_unit_returning_a_tuple_is_refused_naming_it() -> None:
-    model = nn.Sequential(nn.Linear(3, D), TwoOutputs()).double()
-    BKEngine(model, bound=ClipBound(1.0))
-    with pytest.raises(UnsupportedModuleError, match=r"'1' \(TwoOutputs\)\.forward returns tuple, not a tensor"):
-        model(torch.randn(B, 3, dtype=torch.float64))
+class TwoOutputNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.two, self.head = nn.Linear(3, D), TwoOutputs(), nn.Linear(D, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.two(self.inp(x).tanh())
+        return self.head(a + b.sin())
+
+
+def test_module_returning_a_tuple_is_exact() -> None:
+    torch.manual_seed(0)
+    assert_exact(TwoOutputNet().double(), torch.randn(B, 3, dtype=torch.float64))
 
 
 # ---- 3. positional inputs that are not batch first --------------------------------------------------------------
@@ -240,33 +229,17 @@ class TableNet(nn.Module):
         return self.head(h.tanh()).mean(1)
 
 
+@pytest.mark.parametrize("how", ["buffer", "copy", "keyword"])
 @pytest.mark.parametrize("tokens", [B, T])
-def test_model_buffer_passed_positionally_is_refused(tokens: int) -> None:
-    """With as many table rows as examples, example i once silently got row i of the table."""
-    model = TableNet(tokens, "buffer").double()
-    BKEngine(model, bound=ClipBound(1.0))
-    with pytest.raises(UnsupportedModuleError, match=r"'pos' \(AddTable\)\.forward: positional input\(s\) 1 "
-                                                     r"\('table'\) hold the model's parameters or buffers"):
-        model(torch.randn(B, tokens, 3, dtype=torch.float64))
-
-
-@pytest.mark.parametrize("tokens", [B, T])
-def test_model_buffer_passed_by_keyword_is_exact(tokens: int) -> None:
+def test_position_table_is_exact_however_passed(tokens: int, how: str) -> None:
+    """A (T, d) table times a parameter, added to (B, T, d): with as many table rows as examples, rows of the table
+    are still positions, never examples."""
     torch.manual_seed(0)
-    assert_exact(TableNet(tokens, "keyword").double(), torch.randn(B, tokens, 3, dtype=torch.float64))
+    assert_exact(TableNet(tokens, how).double(), torch.randn(B, tokens, 3, dtype=torch.float64))
 
 
-def test_positional_inputs_with_different_dim_0_are_refused_naming_the_unit() -> None:
-    """Once a vmap size error that named no module."""
-    model = TableNet(T, "copy").double()
-    BKEngine(model, bound=ClipBound(1.0))
-    with pytest.raises(UnsupportedModuleError, match=r"'pos' \(AddTable\)\.forward: positional inputs with dim 0 "
-                                                     r"of sizes \[5, 6\]"):
-        model(torch.randn(B, T, 3, dtype=torch.float64))
-
-
-class SequenceFirstUnit(nn.Module):
-    """Runs a unit on (T, B, d) tensors: every input agrees on dim 0, which is not the batch."""
+class SequenceFirstScale(nn.Module):
+    """Runs a layer scale on (T, B, d) tensors: dim 0 is not the batch."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -276,17 +249,10 @@ class SequenceFirstUnit(nn.Module):
         return self.head(self.ls(self.inp(x).transpose(0, 1)).transpose(0, 1)).sum(1)
 
 
-def test_unit_inputs_must_have_the_physical_batch_rows() -> None:
-    loader = DPDataLoader.from_data_loader(
-        DataLoader(TensorDataset(torch.randn(40, 3, 4, dtype=torch.float64)), 4), sample_rate=0.2,
-        generator=torch.Generator().manual_seed(0),
-    )
-    model = SequenceFirstUnit().double()
-    BKEngine(model, bound=ClipBound(1.0), loss_reduction="sum", context=loader.context)
-    with pytest.raises(RuntimeError, match=r"ls: saw 3 examples but other layers saw \d+"):  # at backward
-        for (x,) in loader:
-            if len(x) != 3:
-                model(x).sum().backward()
+@pytest.mark.parametrize("tokens", [B, T])
+def test_layer_scale_run_sequence_first_is_exact(tokens: int) -> None:
+    torch.manual_seed(0)
+    assert_exact(SequenceFirstScale().double(), torch.randn(B, tokens, 4, dtype=torch.float64))
 
 
 # ---- 4. copies of an attached model (EMA, AveragedModel) ------------------------------------------------------
@@ -323,8 +289,7 @@ def test_copies_of_an_attached_model_compute_with_their_own_weights(make_copy) -
 # ---- 5. evaluation without gradients -----------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 def test_forward_without_gradients_runs_the_plain_model(mode) -> None:
-    """A timm-like model with units once failed under inference_mode; without gradients nothing is captured and
-    no forward is counted for the optimizer's checks."""
+    """Without gradients nothing is captured or tracked, and no forward is counted for the optimizer's checks."""
     torch.manual_seed(0)
     model = _small_model().double()
     plain = copy.deepcopy(model)
@@ -368,14 +333,15 @@ class Recurrent(nn.Module):
     "make, match",
     [
         (lambda: nn.Sequential(weight_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 3)),
-         r"'0' \(Linear\): has trainable parameters its rule does not know \(weight_g, weight_v\).*remove_weight_norm"),
+         (r"'0' \(Linear\): it has trainable parameters its rule does not know \(weight_g, weight_v\).*"
+         r"remove_weight_norm")),
         (lambda: nn.Sequential(spectral_norm(nn.Conv1d(4, 5, 1)), nn.Flatten(), nn.Linear(5, 3)),
-         r"'0' \(Conv1d\): has trainable parameters its rule does not know \(weight_orig\)"),
+         r"'0' \(Conv1d\): it has trainable parameters its rule does not know \(weight_orig\)"),
         (lambda: nn.Sequential(parametrizations.weight_norm(nn.Linear(4, 5)), nn.Linear(5, 3)),
-         r"'0' \(ParametrizedLinear\) is parametrized.*remove_parametrizations"),
-        (lambda: Recurrent(nn.LSTM), r"'rnn' \(LSTM\) runs a fused recurrent kernel.*DPLSTM.*ModuleValidator\.fix"),
-        (lambda: Recurrent(nn.GRU), r"'rnn' \(GRU\).*DPGRU"),
-        (lambda: Recurrent(nn.RNN), r"'rnn' \(RNN\).*replace nn\.RNN by DPRNN by hand"),
+         r"'0' \(ParametrizedLinear\): it is parametrized.*remove_parametrizations"),
+        (lambda: Recurrent(nn.LSTM), r"'rnn' \(LSTM\): it runs a fused recurrent kernel.*DPLSTM.*ModuleValidator\.fix"),
+        (lambda: Recurrent(nn.GRU), r"'rnn' \(GRU\): .*DPGRU"),
+        (lambda: Recurrent(nn.RNN), r"'rnn' \(RNN\): .*replace nn\.RNN by DPRNN by hand"),
     ],
 )
 def test_unsupported_layers_are_refused_at_attaching(make, match: str) -> None:
