@@ -169,9 +169,10 @@ class BKEngine:
                 return own(module, *args, **kwargs)
             if args[1:] or kwargs:
                 raise refusals.layer_extra_args(site.module_name)
-            self.forget_failed_backward()
-            self.note_forward()
-            check_recomputation(site)
+            if self.tracker.call is None:  # a call outside the model's own (a layer alone, or a recomputation)
+                self.forget_failed_backward()
+                self.note_forward()
+                check_recomputation(site)
             return self.run_layer(site, rule.prepare(module, args[0]))
 
         return call
@@ -264,7 +265,7 @@ class BKEngine:
         """Inside non-reentrant activation checkpointing (seen during forward), make every submodule resume the
         tracker when backward recomputes it: the recomputation must rewrite parameter uses as the forward did, or
         the tensors it recomputes would not match those the forward saved."""
-        if self._follows_recomputation:
+        if self._follows_recomputation or torch.compiler.is_compiling():
             return
         hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if hooks is None or not getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook"):

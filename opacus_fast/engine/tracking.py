@@ -100,10 +100,13 @@ class Shared:
 Tag = Layout | Shared
 
 
-@dataclass(frozen=True, slots=True)
 class _Stamp:
-    call: ModelCall
-    tag: Tag
+    """A tensor's tag, with the model call it belongs to (tags of earlier calls are stale)."""
+
+    __slots__ = ("call", "tag")
+
+    def __init__(self, call: ModelCall, tag: Tag) -> None:
+        self.call, self.tag = call, tag
 
 
 # ---- gates ------------------------------------------------------------------------------------------------------------
@@ -396,8 +399,7 @@ class BatchTracker(TorchFunctionMode):
                     found.append((t, None))
         return found
 
-    @staticmethod
-    def _alias_params(call: ModelCall, args: tuple, kwargs: dict, found: list) -> tuple[tuple, dict, list]:
+    def _alias_params(self, call: ModelCall, args: tuple, kwargs: dict, found: list) -> tuple[tuple, dict, list]:
         """Replace trainable parameters by their per-call aliases."""
         mapping = {id(t): call.alias(t) for t, tag in found if tag is None}
         args, kwargs = _replace(args, kwargs, mapping)
