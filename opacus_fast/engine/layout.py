@@ -543,6 +543,11 @@ _BY_FUNC: dict[Callable, Callable[[Op], list[Layout]]] = {
 }
 
 
+def has_rule(func: Callable, name: str) -> bool:
+    """Whether ``func`` has a rule of its own (else outputs of its operands' broadcast shape keep their layout)."""
+    return func in _BY_FUNC or name in _BY_NAME
+
+
 def output_layouts(op: Op) -> list[Layout]:
     """The layout of each tensor output of ``op`` (whose operands in ``op.layouts`` derive from the batch)."""
     rule = _BY_FUNC.get(op.func) or _BY_NAME.get(op.name)

@@ -40,6 +40,7 @@ from .layout import (
     Whole,
     aligned_dim,
     describe_op,
+    has_rule,
     is_inplace,
     op_name,
     output_layouts,
@@ -304,6 +305,15 @@ class BatchTracker(TorchFunctionMode):
 
     @contextmanager
     def paused(self) -> Iterator[None]:
+        """Leave the operations inside untracked (the engine's own computations): the mode is taken off the stack
+        when it is on top (then torch does not call it at all), else told to pass them through."""
+        if torch._C._len_torch_function_stack() and torch.overrides._get_current_function_mode() is self:
+            torch._C._pop_torch_function_stack()
+            try:
+                yield
+            finally:
+                torch._C._push_on_torch_function_stack(self)
+            return
         self._paused += 1
         try:
             yield
@@ -427,6 +437,10 @@ class BatchTracker(TorchFunctionMode):
         if mixed is not None and any(isinstance(tag, Batch) for _, tag in batch):
             raise refusals.mixes_examples(describe_op(func), mixed.why)
         if batch:
+            if len(batch) == 1 and len(outs) == 1 and isinstance(batch[0][1], Batch) and not has_rule(func, name) \
+                    and outs[0].shape == batch[0][0].shape:  # the common elementwise case: layout unchanged
+                call.set(outs[0], batch[0][1])
+                return
             layouts = output_layouts(Op(func, name, args, kwargs, outs, {id(t): tag for t, tag in batch}, call.batch))
             for t, lay in zip(outs, layouts):
                 call.set(t, lay)
