@@ -55,6 +55,9 @@ class BKEngine:
         self.loss_reduction = loss_reduction
         self.context = context
         self.bound = bound
+        #: called once per clipped backward with each example's gradient norm and the padding mask (flat clipping
+        #: only), e.g. by adaptive clipping, which counts the examples left unclipped
+        self.norms_listener: Callable[[Tensor, Tensor | None], None] | None = None
         self._records: list[Record] = []
         self._task: int | None = None
         self._handles: list[Any] = []
@@ -268,9 +271,15 @@ class BKEngine:
         if self.bound.flat is not None:
             total = torch.stack([v.to(torch.float64 if v.dtype == torch.float64 else torch.float32)
                                  for v in sq.values()]).sum(dim=0)
+            self.report_norms(total, scale, mask)
             shared = factor(total, self.bound.flat)
             return {p: shared for p in sq}
         return {p: factor(v, self.bound.per_param[p]) for p, v in sq.items()}
+
+    def report_norms(self, sq_norms: Tensor, scale: float, mask: Tensor | None) -> None:
+        """Hand each example's gradient norm ``sqrt(sq_norms) * scale`` and the padding mask to ``norms_listener``."""
+        if self.norms_listener is not None:
+            self.norms_listener(sq_norms.sqrt() * scale, mask)
 
 
 def _release_frozen(records: list[Record]) -> None:
