@@ -329,7 +329,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
         epsilon_tolerance: float = 0.01,
         sample_rate: float | None = None,
         **kwargs: Any,
-    ) -> tuple[BKGradSampleModule, FastDPOptimizer, DataLoader]:
+    ) -> tuple[BKGradSampleModule | BKHooks, FastDPOptimizer, DataLoader]:
         """:meth:`make_private_fast` with σ calibrated so that the accountant's ε after ``epochs`` (or ``steps``)
         logical steps is at most ``target_epsilon`` (the conservative side of the search)."""
         if (epochs is None) == (steps is None):
