@@ -7,6 +7,7 @@ history and ε, refusals by their exception type.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -143,6 +144,23 @@ def test_missing_zero_grad_between_steps_is_refused_like_opacus(poisson: bool) -
                 _step(model, optimizer, x, y, zero_grad=False)
 
 
+def test_gradient_accumulation_matches_opacus() -> None:
+    """Fixed batches, three backward passes before each step: Opacus averages them as one batch three times as large
+    and records three times the rate; so does make_private_fast."""
+    loader = DataLoader(_data(), batch_size=8)
+    runs = [_private(fast, loader, poisson_sampling=False) for fast in (True, False)]
+    for _, _, (model, optimizer, dl) in runs:
+        for i, (x, y) in enumerate(dl):
+            if i % 3 == 0:
+                optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            if i % 3 == 2:
+                optimizer.step()
+    (fast_engine, fast_model, _), (engine, model, _) = runs
+    _assert_same_params(fast_model, model)
+    assert fast_engine.accountant.history == engine.accountant.history
+
+
 def test_summed_grad_lives_until_zero_grad_as_in_opacus() -> None:
     """After step(), p.summed_grad holds the clipped sum (Opacus' value), until zero_grad()."""
     loader = DataLoader(_data(), batch_size=16)
@@ -219,6 +237,31 @@ def test_wrap_model_false_hooks_detach_and_copies_are_plain() -> None:
     for key, (forward, pre, attributes) in after.items():
         assert (forward, pre) == before[key][:2]
         assert attributes.keys() == before[key][2].keys()
+
+
+def test_wrap_model_false_runs_every_call_inside_model_call() -> None:
+    """Each call of the user's model enters the engine's model_call with its arguments and leaves it, also when the
+    forward raises."""
+    model = _model()
+    _, _, (hooks, _, _) = _private(True, DataLoader(_data(), batch_size=16), model=model, wrap_model=False)
+    events = []
+
+    @contextlib.contextmanager
+    def model_call(args: tuple, kwargs: dict):
+        events.append(("enter", args[0].shape))
+        try:
+            yield
+        except BaseException as err:
+            events.append(("raised", type(err)))
+            raise
+        events.append(("left", None))
+
+    hooks._engine.model_call = model_call
+    x, _ = _data().tensors
+    model(x[:5])
+    with pytest.raises(RuntimeError):
+        model(x[:5, :4])  # wrong feature count
+    assert events == [("enter", (5, 6)), ("left", None), ("enter", (5, 4)), ("raised", RuntimeError)]
 
 
 def test_adaptive_clipping_matches_opacus() -> None:
