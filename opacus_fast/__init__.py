@@ -1,9 +1,17 @@
 """opacus_fast: fast, exact DP-SGD for PyTorch as a drop-in extension of Opacus."""
 
 from .engine import BKEngine, UnsupportedModuleError
-from .optimizer import FastDPOptimizer
-from .privacy_engine import BKGradSampleModule, PrivacyEngine
+from .optimizer import AdaptiveClipDPOptimizer, FastDPOptimizer
+from .privacy_engine import BKGradSampleModule, BKHooks, PrivacyEngine
 
 __version__ = "0.1.0"
 
-__all__ = ["BKEngine", "BKGradSampleModule", "FastDPOptimizer", "PrivacyEngine", "UnsupportedModuleError"]
+__all__ = [
+    "AdaptiveClipDPOptimizer",
+    "BKEngine",
+    "BKGradSampleModule",
+    "BKHooks",
+    "FastDPOptimizer",
+    "PrivacyEngine",
+    "UnsupportedModuleError",
+]

@@ -60,4 +60,16 @@ class ClipBound:
 
 def has_pending_sums(params: Sequence[nn.Parameter]) -> bool:
     """Whether any of ``params`` holds a clipped sum not yet released by an optimizer step."""
-    return any(getattr(p, "summed_grad", None) is not None and p.requires_grad for p in params)
+    return any(p.requires_grad and _pending(getattr(p, "summed_grad", None)) for p in params)
+
+
+def mark_released(params: Sequence[nn.Parameter]) -> None:
+    """Mark the clipped sums that an optimizer step has just noised: they stay readable in ``p.summed_grad`` (as in
+    Opacus) until ``zero_grad()``, but are no longer pending."""
+    for p in params:
+        if getattr(p, "summed_grad", None) is not None:
+            p.summed_grad._released = True
+
+
+def _pending(summed: object) -> bool:
+    return summed is not None and not getattr(summed, "_released", False)

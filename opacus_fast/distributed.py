@@ -315,7 +315,8 @@ class DistributedFastDPOptimizer(FastDPOptimizer):
         self.logical_steps = 0
 
     def add_noise(self) -> None:
-        """``p.grad`` = all-reduce(local clipped sums, plus the noise on rank 0): one noise draw in the global sum."""
+        """``p.grad`` = all-reduce(local clipped sums, plus the noise on rank 0): one noise draw in the global sum;
+        ``p.summed_grad`` (the local sum) stays until ``zero_grad()``."""
         sums = [p.summed_grad if getattr(p, "summed_grad", None) is not None else torch.zeros_like(p)
                 for p in self.params]
         if self.adds_noise:
@@ -328,7 +329,6 @@ class DistributedFastDPOptimizer(FastDPOptimizer):
         )
         for p, total in zip(self.params, reduced):
             p.grad = total
-            p.summed_grad = None
         self.logical_steps += 1
 
 

@@ -2,11 +2,13 @@
 
 The clipping engine has already put each parameter's clipped per-example sum into ``p.summed_grad`` (summed over
 all physical batches of the logical batch). This optimizer only decides when a logical batch ends, adds the noise,
-scales, calls the accountant hook and steps.
+scales, calls the accountant hook and steps. As in Opacus, ``p.summed_grad`` stays readable after the step until
+``zero_grad()``, and a backward pass after a step needs a ``zero_grad()`` in between.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -15,8 +17,16 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _generate_noise
 from torch.optim import Optimizer
 
-from .clipping import ClipBound, has_pending_sums
+from .clipping import ClipBound, has_pending_sums, mark_released
 from .data.context import BatchContext, PhysicalBatchInfo
+from .data.sampler import draw_seed
+
+#: Opacus' message for a backward pass after a step without zero_grad() in between
+NOT_CLEARED = (
+    "Gradients haven't been cleared since the last optimizer step. In order to obtain privacy guarantees you must "
+    "call optimizer.zero_grad() on each step: call it between optimizer.step() and the next backward(), also "
+    "between the physical batches of Opacus' BatchMemoryManager"
+)
 
 
 class FastDPOptimizer(DPOptimizer):
@@ -26,7 +36,11 @@ class FastDPOptimizer(DPOptimizer):
         optimizer: the user's optimizer.
         noise_multiplier: σ; the noise std is σ·C with C the (flat or L2-combined per-layer) clip bound.
         bound: the clip bound shared with the engine; ``max_grad_norm`` reads and sets it.
-        expected_batch_size: the divisor of the noisy sum when ``loss_reduction="mean"`` (N·q for Poisson).
+        expected_batch_size: the divisor of the noisy sum when ``loss_reduction="mean"``.
+        generator: the noise generator.
+        seed_generator: seed ``generator`` from torch's global RNG at the first step that draws noise (as in
+            Opacus, the seed at the time of the step governs the noise), after which it continues its own stream,
+            which checkpoints restore.
         context: where the data loader publishes the current physical batch and the engine records the one
             trained last (whose logical batch decides whether a step ends it).
     """
@@ -40,6 +54,7 @@ class FastDPOptimizer(DPOptimizer):
         expected_batch_size: float | None,
         loss_reduction: str = "mean",
         generator: torch.Generator | None = None,
+        seed_generator: bool = False,
         secure_mode: bool = False,
         context: BatchContext | None = None,
     ) -> None:
@@ -54,8 +69,13 @@ class FastDPOptimizer(DPOptimizer):
             secure_mode=secure_mode,
         )
         self.context = context
+        #: whether ``generator`` still waits for its seed from torch's global RNG
+        self._seed_pending = seed_generator and generator is not None
         #: clipped backward passes counted at the last zero_grad(): those since then are this step's batches
         self._clipped_at_zero_grad = 0
+        #: whether step() ran since the last zero_grad(), and the clipped backward passes counted then
+        self._stepped = False
+        self._clipped_at_step = 0
 
     @property
     def max_grad_norm(self) -> float:
@@ -103,21 +123,51 @@ class FastDPOptimizer(DPOptimizer):
 
     def pre_step(self, closure: Callable[[], float] | None = None) -> bool:
         """At the end of a logical batch: noise, scaling and the accountant hook (True); before it, nothing."""
+        self._check_cleared()
         if self._logical_batch_continues():
             self._is_last_step_skipped = True
+            self._note_step()
             return False
         if self.context is not None:
             _check_clipped(self.context)
             self.context.released = self.context.trained
+        if self.noise_multiplier > 0:
+            self.ensure_seeded()
         self.add_noise()
         self.scale_grad()
+        mark_released(self.params)
         if self.step_hook:
             self.step_hook(self)
         if self.context is not None:
             self.context.forward_since_release, self.context.clipped_since_release = False, 0
         self._clipped_at_zero_grad = 0
         self._is_last_step_skipped = False
+        self._note_step()
         return True
+
+    def _clipped(self) -> int:
+        """Clipped backward passes since the last release (0 without a context)."""
+        return self.context.clipped_since_release if self.context is not None else 0
+
+    def _note_step(self) -> None:
+        self._stepped, self._clipped_at_step = True, self._clipped()
+
+    def _check_cleared(self) -> None:
+        """Refuse, as Opacus does (ValueError), a step whose batch was trained after a step without zero_grad() in
+        between: its sums would count the earlier batch again, or be divided as if several batches were one."""
+        if self._stepped and self._clipped() > self._clipped_at_step:
+            raise ValueError(NOT_CLEARED)
+
+    def ensure_seeded(self) -> None:
+        """Seed the noise generator from torch's global RNG if it still waits for its seed (see ``seed_generator``)."""
+        if self._seed_pending:
+            self.generator.manual_seed(draw_seed())
+            self._seed_pending = False
+
+    def gradient_noise_multiplier(self) -> float:
+        """σ of the gradient noise, whose std is σ·C (adaptive clipping lowers it; the accountant reads
+        ``noise_multiplier``)."""
+        return self.noise_multiplier
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Clear gradients; partial sums are kept between physical batches of one logical batch.
@@ -128,7 +178,8 @@ class FastDPOptimizer(DPOptimizer):
         trained physical batch from the loader (a plain loader, Opacus' BatchMemoryManager), Opacus' rule applies.
         """
         self._discard_abandoned()
-        self._clipped_at_zero_grad = self.context.clipped_since_release if self.context is not None else 0
+        self._clipped_at_zero_grad = self._clipped()
+        self._stepped = False
         trained, current = self._infos()
         if not continues(trained, current):
             super().zero_grad(set_to_none)
@@ -148,18 +199,18 @@ class FastDPOptimizer(DPOptimizer):
                 p.summed_grad = None
 
     def add_noise(self) -> None:
-        """``p.grad = summed clipped grads + N(0, σ²C²)``, drawn once per parameter per logical batch."""
+        """``p.grad = summed clipped grads + N(0, σ²C²)``, drawn once per parameter per logical batch; ``p.summed_grad``
+        stays until ``zero_grad()``."""
         sums = [p.summed_grad if getattr(p, "summed_grad", None) is not None else torch.zeros_like(p)
                 for p in self.params]
         for p, s in zip(self.params, sums):
             noise = _generate_noise(
-                std=self.noise_multiplier * self.max_grad_norm,
+                std=self.gradient_noise_multiplier() * self.max_grad_norm,
                 reference=s,
                 generator=self.generator,
                 secure_mode=self.secure_mode,
             )
             p.grad = (s + noise).view_as(p)
-            p.summed_grad = None
 
     def scale_grad(self) -> None:
         if self.loss_reduction == "mean":
@@ -174,7 +225,7 @@ class FastDPOptimizer(DPOptimizer):
         """
         state = self.original_optimizer.state_dict()
         noise = self.generator.get_state() if self.generator is not None and not self.secure_mode else None
-        state["opacus_fast"] = {"noise_generator": noise}
+        state["opacus_fast"] = {"noise_generator": noise, "seed_pending": self._seed_pending}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -183,25 +234,125 @@ class FastDPOptimizer(DPOptimizer):
         self.original_optimizer.load_state_dict(state)
         if extra.get("noise_generator") is not None and self.generator is not None:
             self.generator.set_state(extra["noise_generator"].cpu())
+            self._seed_pending = extra.get("seed_pending", False)
         for p in self.params:
             p.summed_grad = None
         self._is_last_step_skipped = False
         self._step_skip_queue.clear()
+        self._stepped = False
+
+
+class AdaptiveClipDPOptimizer(FastDPOptimizer):
+    """Adaptive clipping (Andrew et al. 2021, arXiv:1905.03871) with the parameters and accounting of Opacus'
+    ``AdaClipDPOptimizer`` (``clipping="adaptive"``), on the per-example norms the BK engine computes anyway.
+
+    After each logical batch the bound C moves towards the ``target_unclipped_quantile`` γ of the per-example norms:
+    C ← clamp(C · exp(-η (b̃ - γ)), ``min_clipbound``, ``max_clipbound``), with η the ``clipbound_learning_rate``
+    and b̃ = (number of examples whose norm was at most C + N(0, σ_b²)) / expected batch size, σ_b the
+    ``unclipped_num_std``. The gradient noise uses σ_eff = (σ⁻² - (2σ_b)⁻²)^(-1/2), so that the gradient and the
+    count together cost what σ alone does (Theorem 1 of the paper); the accountant records σ. Two differences from
+    Opacus, both for correctness: b̃ divides by the expected batch size, not the drawn one (whose size would be
+    released without noise; with fixed-size batches they agree), and the count covers the whole logical batch, not
+    only its last physical batch. The count noise is drawn from the noise generator right after the gradient noise.
+
+    Args:
+        ``norms_listener`` of the BK engine must be :meth:`observe_norms`. Other arguments: as
+        :class:`FastDPOptimizer`, whose ``bound`` must be flat.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        target_unclipped_quantile: float,
+        clipbound_learning_rate: float,
+        max_clipbound: float,
+        min_clipbound: float,
+        unclipped_num_std: float,
+        **kwargs,
+    ) -> None:
+        super().__init__(optimizer, **kwargs)
+        if max_clipbound <= min_clipbound:
+            raise ValueError("max_clipbound must be larger than min_clipbound.")
+        if self.noise_multiplier >= 2 * unclipped_num_std:
+            raise ValueError(
+                "noise_multiplier must be smaller than 2 * unclipped_num_std. This is a requirement stemming from "
+                "Theorem 1 in https://arxiv.org/pdf/1905.03871.pdf"
+            )
+        if self.bound.flat is None:
+            raise ValueError("clipping='adaptive' adapts one flat bound: give a single max_grad_norm")
+        if self.expected_batch_size is None:
+            raise ValueError("clipping='adaptive' needs expected_batch_size (the divisor of the unclipped count)")
+        self.target_unclipped_quantile = target_unclipped_quantile
+        self.clipbound_learning_rate = clipbound_learning_rate
+        self.max_clipbound = max_clipbound
+        self.min_clipbound = min_clipbound
+        self.unclipped_num_std = unclipped_num_std
+        #: examples of the pending clipped sums whose norm was at most the bound (a tensor once counted)
+        self.unclipped_num: torch.Tensor | int = 0
+
+    def observe_norms(self, norms: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Count the examples of one backward left unclipped (the BK engine calls this before adding its sums):
+        clip factor min(1, C / (norm + 1e-6)) equal to 1, as Opacus counts them; padding rows do not count."""
+        unclipped = (self.max_grad_norm / (norms + 1e-6)) >= 1
+        if mask is not None:
+            unclipped = unclipped & mask.to(unclipped.device)
+        counted = unclipped.sum()
+        self.unclipped_num = self.unclipped_num + counted if has_pending_sums(self.params) else counted
+
+    def gradient_noise_multiplier(self) -> float:
+        """σ_eff = (σ⁻² - (2σ_b)⁻²)^(-1/2) (0 without noise)."""
+        if self.noise_multiplier <= 0:
+            return 0.0
+        return (self.noise_multiplier**-2 - (2 * self.unclipped_num_std) ** -2) ** -0.5
+
+    def pre_step(self, closure: Callable[[], float] | None = None) -> bool:
+        """:meth:`FastDPOptimizer.pre_step`, then, at the end of a logical batch, the new bound."""
+        batches = self.accumulated_iterations
+        if not super().pre_step(closure):
+            return False
+        self._update_bound(batches)
+        return True
+
+    def _update_bound(self, batches: int) -> None:
+        self.ensure_seeded()
+        device = self.params[0].device if self.params else None
+        count = torch.as_tensor(self.unclipped_num, device=device).float()
+        noise = _generate_noise(
+            std=self.unclipped_num_std, reference=count, generator=self.generator, secure_mode=self.secure_mode
+        )
+        fraction = float(count + noise) / (self.expected_batch_size * batches)
+        bound = self.max_grad_norm * math.exp(-self.clipbound_learning_rate * (fraction - self.target_unclipped_quantile))
+        self.max_grad_norm = min(max(bound, self.min_clipbound), self.max_clipbound)
+        self.unclipped_num = 0
+
+    def state_dict(self) -> dict:
+        """:meth:`FastDPOptimizer.state_dict` plus the current bound, which training has moved."""
+        state = super().state_dict()
+        state["opacus_fast"]["max_grad_norm"] = self.max_grad_norm
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        bound = state_dict.get("opacus_fast", {}).get("max_grad_norm")
+        super().load_state_dict(state_dict)
+        if bound is not None:
+            self.max_grad_norm = bound
+        self.unclipped_num = 0
 
 
 def _check_clipped(context: BatchContext) -> None:
     """Refuse to release a logical batch that no backward pass clipped gradients for (as Opacus refuses a step
-    without per-sample gradients): the step would add noise to nothing, silently. An empty Poisson batch still gets
-    its forward and backward (on zero rows), so it passes."""
+    without per-sample gradients, with a ValueError): the step would add noise to nothing, silently. An empty Poisson
+    batch still gets its forward and backward (on zero rows), so it passes."""
     if context.clipped_since_release:
         return
     if context.forward_since_release:
-        raise RuntimeError(
+        raise ValueError(
             "optimizer.step() found no clipped gradients: the model ran forward, but no backward pass since the last "
             "step computed its parameters' gradients (loss.backward(inputs=...) and torch.autograd.grad(...) "
             "compute no parameter gradients with opacus_fast). Call loss.backward() without inputs="
         )
-    raise RuntimeError(
+    raise ValueError(
         "optimizer.step() found no clipped gradients: no backward pass ran since the last step (a second step() "
         "for one batch, or step() before backward()). Run forward and loss.backward() on a batch before each "
         "step(), empty batches included"

@@ -20,7 +20,12 @@ from .cpu_memory import keep_freed_memory
 from .data.context import BatchContext
 from .distributed import DistributedFastDPOptimizer, check_same_settings, dataset_fingerprint, unwrap_distributed
 from .engine import BKEngine, plan_sites
-from .optimizer import FastDPOptimizer
+from .optimizer import AdaptiveClipDPOptimizer, FastDPOptimizer
+
+#: the keywords of ``clipping="adaptive"`` (those of Opacus' ``AdaClipDPOptimizer``)
+ADAPTIVE_OPTIONS = frozenset(
+    {"target_unclipped_quantile", "clipbound_learning_rate", "max_clipbound", "min_clipbound", "unclipped_num_std"}
+)
 
 
 class BKGradSampleModule(nn.Module):
@@ -51,6 +56,22 @@ class BKGradSampleModule(nn.Module):
         return self._module
 
 
+class BKHooks:
+    """What ``make_private_fast(wrap_model=False)`` returns, as Opacus' ``GradSampleHooks``: the BK engine attached
+    to the user's model itself, which is trained directly (every call of it is tracked through hooks the engine
+    registers on it). ``._module`` is the model; ``.cleanup()`` detaches everything and returns it as it was.
+    """
+
+    def __init__(self, module: nn.Module, engine: BKEngine) -> None:
+        self._module = module
+        self._engine = engine
+
+    def cleanup(self) -> nn.Module:
+        """Detach every capture and hook; returns the user's model, as it was before ``make_private_fast``."""
+        self._engine.detach()
+        return self._module
+
+
 def _check_options(
     *,
     module: nn.Module,
@@ -61,20 +82,23 @@ def _check_options(
     loss_reduction: str,
     clipping: str,
     grad_sample_mode: str,
-    wrap_model: bool,
+    distributed: bool,
     unsupported: dict[str, Any],
 ) -> list[nn.Parameter]:
     """Validate everything before anything is modified; return the optimizer's trainable parameters."""
-    if unsupported:
-        raise TypeError(f"make_private_fast does not support the option(s) {sorted(unsupported)} yet")
+    adaptive = set(unsupported) & ADAPTIVE_OPTIONS if clipping == "adaptive" else set()
+    if set(unsupported) - adaptive:
+        raise TypeError(f"make_private_fast does not support the option(s) {sorted(set(unsupported) - adaptive)}")
     if grad_sample_mode != "bk":
         raise ValueError(f"grad_sample_mode={grad_sample_mode!r}: make_private_fast supports 'bk' only")
-    if clipping not in ("flat", "per_layer"):
-        raise ValueError(f"clipping={clipping!r}: make_private_fast supports 'flat' and 'per_layer'")
+    if clipping not in ("flat", "per_layer", "adaptive"):
+        raise ValueError(f"clipping={clipping!r}: make_private_fast supports 'flat', 'per_layer' and 'adaptive'")
+    if clipping == "adaptive" and adaptive != ADAPTIVE_OPTIONS:
+        raise TypeError(f"clipping='adaptive' needs the keyword(s) {sorted(ADAPTIVE_OPTIONS - adaptive)}")
+    if clipping == "adaptive" and distributed:
+        raise ValueError("clipping='adaptive' is not supported in distributed training (nor is it by Opacus)")
     if loss_reduction not in ("mean", "sum"):
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-    if not wrap_model:
-        raise ValueError("wrap_model=False is not supported: use the returned model")
     if noise_multiplier < 0:
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
     if isinstance(module, (BKGradSampleModule, GradSampleModule)):
@@ -82,7 +106,11 @@ def _check_options(
     model_params = {id(p) for p in module.parameters()}
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     if any(id(p) not in model_params for p in params):
-        raise ValueError("the optimizer holds parameters that are not the module's parameters")
+        raise ValueError(
+            "Module parameters are different than optimizer Parameters: the optimizer holds parameters that are not "
+            "the module's (e.g. ModuleValidator.fix replaced modules after the optimizer was made). Create the "
+            "optimizer from the parameters of the module you pass"
+        )
     missing = _trainable_outside(module, params)
     if missing:
         raise ValueError(
@@ -99,7 +127,7 @@ def _check_options(
         bounds = list(max_grad_norm)
     else:
         if not isinstance(max_grad_norm, (int, float)):
-            raise ValueError("clipping='flat' needs a single max_grad_norm (use clipping='per_layer' for a list)")
+            raise ValueError(f"clipping={clipping!r} needs a single max_grad_norm (use clipping='per_layer' for a list)")
         bounds = [max_grad_norm]
     if any(not (b > 0) for b in bounds):
         raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
@@ -113,13 +141,19 @@ def _trainable_outside(module: nn.Module, params: Sequence[nn.Parameter]) -> lis
 
 
 def _noise_generator(generator: torch.Generator | None, params: Sequence[nn.Parameter]) -> torch.Generator | None:
-    """The user's generator, or a dedicated one seeded from torch's global RNG (so ``torch.manual_seed`` still
-    reproduces runs) whose state checkpoints save: a resumed run must never replay noise already used."""
+    """The user's generator, or a dedicated one (seeded by the optimizer from torch's global RNG at the first noisy
+    step, so the seed at that time governs the noise, as in Opacus) whose state checkpoints save: a resumed run must
+    never replay noise already used. Parameters on several devices draw from torch's global RNG directly."""
     devices = {p.device for p in params}
     if generator is not None or len(devices) != 1:
         return generator
-    seed = int(torch.randint(0, 2**62, (1,)).item())
-    return torch.Generator(device=devices.pop()).manual_seed(seed)
+    return torch.Generator(device=devices.pop())
+
+
+def _divisor(dataset_size: int, rate: float, sample_rate: float | None) -> float:
+    """The expected batch size that divides a mean's noisy sum: Opacus' ``int(N / len(data_loader))`` by default,
+    N·q for a ``sample_rate`` given explicitly."""
+    return dataset_size * rate if sample_rate is not None else int(dataset_size * rate)
 
 
 class PrivacyEngine(opacus.PrivacyEngine):
@@ -149,23 +183,29 @@ class PrivacyEngine(opacus.PrivacyEngine):
         grad_sample_mode: str = "bk",
         criterion: Any = None,
         wrap_model: bool = True,
+        rand_on_empty: bool = False,
         max_physical_batch_size: int | None = None,
         pad_physical_batches: bool | None = None,
         sample_rate: float | None = None,
         keep_cpu_memory: bool = True,
         **kwargs: Any,
-    ) -> tuple[BKGradSampleModule, FastDPOptimizer, DataLoader]:
+    ) -> tuple[BKGradSampleModule | BKHooks, FastDPOptimizer, DataLoader]:
         """Make ``module``, ``optimizer`` and ``data_loader`` private; same keywords and return as ``make_private``.
 
         One forward and one ordinary ``loss.backward()`` per physical batch: per-example gradient norms and the
         clipped sum come from the BK engine, noise N(0, σ²C²) is added once per logical batch. ``criterion`` is
-        accepted for drop-in compatibility and not needed. Extra keywords:
+        accepted for drop-in compatibility and not needed. ``wrap_model=False`` attaches to ``module`` itself
+        and returns a :class:`BKHooks` (train ``module``; ``hooks.cleanup()`` detaches). ``clipping="adaptive"``
+        takes Opacus' keywords ``target_unclipped_quantile``, ``clipbound_learning_rate``, ``max_clipbound``,
+        ``min_clipbound`` and ``unclipped_num_std`` (see :class:`~opacus_fast.optimizer.AdaptiveClipDPOptimizer`).
+        ``rand_on_empty`` turns an empty batch into one random row, as in Opacus. Extra keywords:
 
         Args:
             max_physical_batch_size: split each Poisson logical batch into physical batches of at most this size.
             pad_physical_batches: pad every physical batch to exactly ``max_physical_batch_size`` rows with masked
                 examples (default: on whenever ``max_physical_batch_size`` is set), so every step has one shape.
-            sample_rate: Poisson rate q (default ``1 / len(data_loader)``, as Opacus).
+            sample_rate: Poisson rate q (default ``1 / len(data_loader)``, as Opacus). A mean's noisy sum is divided
+                by Opacus' ``int(N / len(data_loader))`` by default, by N·q for a ``sample_rate`` given here.
             keep_cpu_memory: when the model is on the CPU, make glibc's malloc keep freed memory for reuse
                 (process-wide; see :mod:`opacus_fast.cpu_memory`): BK's higher peak otherwise costs page faults
                 on every step.
@@ -189,7 +229,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
         params = _check_options(
             module=module, optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
             batch_first=batch_first, loss_reduction=loss_reduction, clipping=clipping,
-            grad_sample_mode=grad_sample_mode, wrap_model=wrap_model, unsupported=kwargs,
+            grad_sample_mode=grad_sample_mode, distributed=setup is not None, unsupported=kwargs,
         )
         plan_sites(module)  # raises, naming every unsupported part, before anything is changed
         if isinstance(optimizer, FastDPOptimizer):
@@ -202,9 +242,9 @@ class PrivacyEngine(opacus.PrivacyEngine):
             loader = DPDataLoader.from_data_loader(
                 data_loader, sample_rate=sample_rate, max_physical_batch_size=max_physical_batch_size,
                 pad=pad_physical_batches, generator=None, secure_mode=self.secure_mode, context=context,
-                distributed=setup is not None,
+                distributed=setup is not None, rand_on_empty=rand_on_empty,
             )
-            rate, expected = loader.sample_rate, loader.expected_batch_size
+            rate = loader.sample_rate
         else:
             if max_physical_batch_size is not None or sample_rate is not None:
                 raise ValueError("max_physical_batch_size and sample_rate need poisson_sampling=True")
@@ -214,7 +254,8 @@ class PrivacyEngine(opacus.PrivacyEngine):
                 stacklevel=2,
             )
             loader = data_loader
-            rate, expected = 1 / len(data_loader), data_loader.batch_size
+            rate = 1 / len(data_loader)
+        expected = _divisor(len(data_loader.dataset), rate, sample_rate)
         if setup is not None:
             check_same_settings({
                 "dataset size": len(data_loader.dataset), "dataset contents": dataset_fingerprint(data_loader.dataset),
@@ -227,22 +268,30 @@ class PrivacyEngine(opacus.PrivacyEngine):
         if keep_cpu_memory and any(p.device.type == "cpu" for p in params):
             keep_freed_memory()
         bound = ClipBound(max_grad_norm, params)
-        optimizer_class = FastDPOptimizer if setup is None else DistributedFastDPOptimizer
-        dp_optimizer = optimizer_class(
-            optimizer, noise_multiplier=noise_multiplier, bound=bound, expected_batch_size=expected,
-            loss_reduction=loss_reduction, generator=self.secure_rng if self.secure_mode else _noise_generator(noise_generator, params),
-            secure_mode=self.secure_mode, context=context,
-        )
-        engine = BKEngine(module, bound=bound, loss_reduction=loss_reduction, context=context, batch_first=batch_first)
+        generator = self.secure_rng if self.secure_mode else _noise_generator(noise_generator, params)
+        options = {
+            "noise_multiplier": noise_multiplier, "bound": bound, "expected_batch_size": expected,
+            "loss_reduction": loss_reduction, "generator": generator, "secure_mode": self.secure_mode,
+            "seed_generator": not self.secure_mode and noise_generator is None, "context": context,
+        }
+        if clipping == "adaptive":
+            dp_optimizer = AdaptiveClipDPOptimizer(optimizer, **options, **kwargs)
+        else:
+            dp_optimizer = (FastDPOptimizer if setup is None else DistributedFastDPOptimizer)(optimizer, **options)
+        engine = BKEngine(module, bound=bound, loss_reduction=loss_reduction, context=context,
+                          batch_first=batch_first)
         try:
+            if clipping == "adaptive":
+                engine.norms_listener = dp_optimizer.observe_norms
             if setup is not None:
                 setup.start(engine)
             dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=rate))
+            model = BKGradSampleModule(module, engine) if wrap_model else BKHooks(module, engine)
         except BaseException:
             engine.detach()  # leave the user's model as it was
             raise
         self._trains, self._poisson = True, poisson_sampling
-        return BKGradSampleModule(module, engine), dp_optimizer, loader
+        return model, dp_optimizer, loader
 
     def make_private_fast_with_epsilon(
         self,
@@ -258,7 +307,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
         epsilon_tolerance: float = 0.01,
         sample_rate: float | None = None,
         **kwargs: Any,
-    ) -> tuple[BKGradSampleModule, FastDPOptimizer, DataLoader]:
+    ) -> tuple[BKGradSampleModule | BKHooks, FastDPOptimizer, DataLoader]:
         """:meth:`make_private_fast` with σ calibrated so that the accountant's ε after ``epochs`` (or ``steps``)
         logical steps is at most ``target_epsilon`` (the conservative side of the search)."""
         if (epochs is None) == (steps is None):

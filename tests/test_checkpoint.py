@@ -23,7 +23,6 @@ def _fresh(user_generator: bool = True):
         data_loader=DataLoader(data, batch_size=20), noise_multiplier=1.0, max_grad_norm=1.0,
         noise_generator=torch.Generator().manual_seed(5) if user_generator else None, max_physical_batch_size=8,
     )
-    loader.batch_sampler.logical.generator.manual_seed(11)
     return engine, model, pmodel, opt, loader
 
 

@@ -32,7 +32,7 @@ from torch.utils.data import (
 from torch.utils.data.dataloader import default_collate
 
 from .context import BatchContext, PhysicalBatchInfo
-from .sampler import DistributedPoissonBatchSampler, Draw, PoissonBatchSampler, _seed_from_global_rng
+from .sampler import DistributedPoissonBatchSampler, Draw, PoissonBatchSampler, draw_seed
 
 _FOREIGN_ITERATION_ERROR = (
     "{action} was called while the Poisson sampler is being iterated by something other than this DPDataLoader's "
@@ -61,14 +61,17 @@ _DATALOADER_OPTIONS = frozenset(
 Plan = tuple[list[int], PhysicalBatchInfo]
 
 
-def plan_physical_batches(draw: Draw, max_size: int | None, pad: bool, step: int) -> list[Plan]:
+def plan_physical_batches(
+    draw: Draw, max_size: int | None, pad: bool, step: int, rand_on_empty: bool = False
+) -> list[Plan]:
     """Cut one logical batch into physical batches: the dataset indices of each one's real rows and its info.
 
     Without ``max_size`` the logical batch is one physical batch. With ``max_size`` = P it is cut into consecutive
     chunks of P, ceil(largest_part / P) of them and at least one, so every rank runs the same number of physical
     batches per step. With ``pad``, a chunk shorter than P gets the mask of P rows whose first ``len(chunk)`` are
     real: :class:`PhysicalBatchCollate` appends the padding rows after collating the real ones. Masks are None when
-    every row is real.
+    every row is real. With ``rand_on_empty``, an empty chunk holds one real row of random values (Opacus'
+    ``rand_on_empty``), which :class:`PhysicalBatchCollate` makes.
     """
     indices = draw.indices
     if max_size is None:
@@ -78,10 +81,9 @@ def plan_physical_batches(draw: Draw, max_size: int | None, pad: bool, step: int
         chunks = [indices[i * max_size : (i + 1) * max_size] for i in range(count)]
     plans = []
     for position, chunk in enumerate(chunks):
-        mask = torch.arange(max_size) < len(chunk) if pad and len(chunk) < max_size else None
-        info = PhysicalBatchInfo(
-            mask=mask, num_real=len(chunk), index=position, is_last=position == len(chunks) - 1, step=step
-        )
+        real = len(chunk) if chunk or not rand_on_empty else 1
+        mask = torch.arange(max_size) < real if pad and real < max_size else None
+        info = PhysicalBatchInfo(mask=mask, num_real=real, index=position, is_last=position == len(chunks) - 1, step=step)
         plans.append((list(chunk), info))
     return plans
 
@@ -100,10 +102,13 @@ class PhysicalBatchSampler(Sampler[list[int]]):
     logical-batch boundaries are only safe when the published masks are read.
     """
 
-    def __init__(self, logical: PoissonBatchSampler, max_physical_batch_size: int | None, pad: bool) -> None:
+    def __init__(
+        self, logical: PoissonBatchSampler, max_physical_batch_size: int | None, pad: bool, rand_on_empty: bool = False
+    ) -> None:
         self.logical = logical
         self.max_physical_batch_size = max_physical_batch_size
         self.pad = pad
+        self.rand_on_empty = rand_on_empty
         self.sink: deque[tuple[PhysicalBatchInfo, dict[str, Any] | None]] | None = None
 
     def __len__(self) -> int:
@@ -126,7 +131,8 @@ class PhysicalBatchSampler(Sampler[list[int]]):
         before = self.logical.state_dict() if sink is not None else None  # draws the first logical batch
         for step, draw in enumerate(draws):
             after = self.logical.state_dict() if sink is not None else None  # draws the next one
-            for rows, info in plan_physical_batches(draw, self.max_physical_batch_size, self.pad, step):
+            plans = plan_physical_batches(draw, self.max_physical_batch_size, self.pad, step, self.rand_on_empty)
+            for rows, info in plans:
                 if sink is not None:
                     sink.append((info, after if info.is_last else before))
                 yield rows
@@ -140,7 +146,9 @@ class DPDataLoader(DataLoader):
     padding, copies of the first collated row are then appended along the batch dimension up to P rows (the mask
     marks the first ``num_real`` rows as real, whatever order the collate_fn put the examples in). An empty logical
     batch still yields one batch (``is_last=True``): with padding, P fully masked rows (copies of example 0);
-    without, a batch with zero rows and the structure, dtypes and trailing shapes of a normal one.
+    without, a batch with zero rows and the structure, dtypes and trailing shapes of a normal one; with
+    ``rand_on_empty``, as in Opacus, one real row of random 0/1 values (drawn from torch's global RNG) instead,
+    padded like any other batch.
 
     Attributes:
         sample_rate: Poisson inclusion probability q.
@@ -162,18 +170,21 @@ class DPDataLoader(DataLoader):
         max_physical_batch_size: int | None = None,
         pad: bool | None = None,
         generator: torch.Generator | None = None,
+        seed_source: torch.Generator | None = None,
         secure_mode: bool = False,
         context: BatchContext | None = None,
         distributed: bool = False,
+        rand_on_empty: bool = False,
         steps: int | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         worker_generator: torch.Generator | None = None,
         **dataloader_options: Any,
     ) -> None:
-        """See :meth:`from_data_loader`; the extra arguments are ``steps`` (logical batches per epoch, default
-        ``int(1 / sample_rate)``), ``worker_generator`` (the DataLoader's own ``generator``, which seeds the
-        workers) and the DataLoader options num_workers, pin_memory, timeout, worker_init_fn,
-        multiprocessing_context, prefetch_factor, persistent_workers and pin_memory_device."""
+        """See :meth:`from_data_loader`; the extra arguments are ``seed_source`` (without ``generator``, where the
+        Poisson generator's seed is drawn from at the first iteration: None for torch's global RNG), ``steps``
+        (logical batches per epoch, default ``int(1 / sample_rate)``), ``worker_generator`` (the DataLoader's own
+        ``generator``, which seeds the workers) and the DataLoader options num_workers, pin_memory, timeout,
+        worker_init_fn, multiprocessing_context, prefetch_factor, persistent_workers and pin_memory_device."""
         if isinstance(dataset, IterableDataset):
             raise TypeError(_ITERABLE_ERROR)
         unknown = set(dataloader_options) - _DATALOADER_OPTIONS
@@ -181,7 +192,7 @@ class DPDataLoader(DataLoader):
             raise TypeError(f"unsupported DataLoader options {sorted(unknown)}: the Poisson sampler forms the batches")
         pad = _resolve_pad(pad, max_physical_batch_size)
         pad_to = max_physical_batch_size if pad else None
-        logical = _poisson_sampler(len(dataset), sample_rate, steps, generator, secure_mode, distributed)
+        logical = _poisson_sampler(len(dataset), sample_rate, steps, generator, seed_source, secure_mode, distributed)
         self.sample_rate = logical.sample_rate
         self.expected_batch_size = len(dataset) * logical.sample_rate
         self.max_physical_batch_size = max_physical_batch_size
@@ -191,8 +202,10 @@ class DPDataLoader(DataLoader):
         self._resume_state: dict[str, Any] | None = None  # during an iteration: where a run that stops now resumes
         super().__init__(
             dataset,
-            batch_sampler=PhysicalBatchSampler(logical, max_physical_batch_size, pad),
-            collate_fn=PhysicalBatchCollate(default_collate if collate_fn is None else collate_fn, dataset, pad_to),
+            batch_sampler=PhysicalBatchSampler(logical, max_physical_batch_size, pad, rand_on_empty),
+            collate_fn=PhysicalBatchCollate(
+                default_collate if collate_fn is None else collate_fn, dataset, pad_to, rand_on_empty
+            ),
             generator=worker_generator,
             **dataloader_options,
         )
@@ -209,6 +222,7 @@ class DPDataLoader(DataLoader):
         secure_mode: bool = False,
         context: BatchContext | None = None,
         distributed: bool = False,
+        rand_on_empty: bool = False,
     ) -> DPDataLoader:
         """A Poisson-sampled loader over ``data_loader``'s whole dataset, keeping its collate_fn and worker settings.
 
@@ -222,13 +236,16 @@ class DPDataLoader(DataLoader):
             max_physical_batch_size: P; cut each logical batch into physical batches of at most P rows.
             pad: pad every physical batch to exactly P rows with masked copies of a real example (default: pad
                 iff P is given); the collate_fn's output must then have a clear batch dimension (else it raises).
-            generator: CPU generator of the Poisson draws (default: seeded from torch's global RNG; with
-                ``distributed``, rank 0's seed is shared, and a given generator must be in the same state on
-                every rank, which is checked).
+            generator: CPU generator of the Poisson draws, used as it is. By default, as in Opacus, the seed comes
+                from ``data_loader``'s generator if it has one, else from torch's global RNG, at the first
+                iteration (at this call with ``distributed``, where rank 0's seed is shared); a dedicated generator
+                then continues the stream. A given generator must be in the same state on every rank (checked).
             secure_mode: draw each step from OS entropy (see :class:`PoissonBatchSampler`); no generator allowed.
             context: where each physical batch's info is published (default: a new :class:`BatchContext`).
             distributed: split each global Poisson sample over the ranks of ``torch.distributed``, which must be
                 initialised; every rank must call this, in the same order.
+            rand_on_empty: as in Opacus, turn an empty batch into one row of random 0/1 values (shaped and typed
+                like an example), trained like a real example, for models that cannot run on zero rows.
         """
         if isinstance(data_loader.dataset, IterableDataset):
             raise TypeError(_ITERABLE_ERROR)
@@ -245,9 +262,11 @@ class DPDataLoader(DataLoader):
             max_physical_batch_size=max_physical_batch_size,
             pad=pad,
             generator=generator,
+            seed_source=data_loader.generator,
             secure_mode=secure_mode,
             context=context,
             distributed=distributed,
+            rand_on_empty=rand_on_empty,
             collate_fn=collate_fn,
             worker_generator=data_loader.generator,
             **options,
@@ -273,6 +292,7 @@ class DPDataLoader(DataLoader):
         self._iteration = token
         self.context.publish(None)  # batches an abandoned iterator handed out are no longer current
         sampler = self.batch_sampler
+        sampler.logical.ensure_seeded()  # before the state that a run left in this iteration resumes from
         self._resume_state = sampler.logical.state_dict()
         sampler.sink = plans
         try:
@@ -329,22 +349,36 @@ class PhysicalBatchCollate:
     structure without a clear one raises (see :func:`_pad_rows`). An empty list of examples gives, with
     ``pad_to``, ``pad_to`` copies of example 0; without, a zero-row batch shaped like a real one (the template is
     example 0 collated once and twice: whatever grows from 1 to 2 is cut to length 0). No model runs. Opacus'
-    ``BatchMemoryManager`` also relies on the empty batch, since it yields ``[]`` for empty batches.
+    ``BatchMemoryManager`` also relies on the empty batch, since it yields ``[]`` for empty batches. With
+    ``rand_on_empty``, an empty list gives instead one row of random 0/1 values (see :func:`_random_rows`), padded
+    to ``pad_to`` rows like any batch.
     """
 
-    def __init__(self, collate_fn: Callable[[list[Any]], Any], dataset: Dataset, pad_to: int | None = None) -> None:
+    def __init__(
+        self,
+        collate_fn: Callable[[list[Any]], Any],
+        dataset: Dataset,
+        pad_to: int | None = None,
+        rand_on_empty: bool = False,
+    ) -> None:
         self.collate_fn = collate_fn
         self.dataset: Dataset | None = dataset
         self.pad_to = pad_to
+        self.rand_on_empty = rand_on_empty
 
     def __call__(self, examples: list[Any]) -> Any:
         if examples and (self.pad_to is None or len(examples) == self.pad_to):
             return self.collate_fn(examples)
         template = examples[0] if examples else self._dataset()[0]
         one, two = self.collate_fn([template]), self.collate_fn([template, template])
-        if self.pad_to is None:
+        if not examples and self.rand_on_empty:
+            one = batch = _random_rows(one, two)
+        elif self.pad_to is None:
             return _zero_rows(one, two)
-        batch = self.collate_fn(examples) if examples else one
+        else:
+            batch = self.collate_fn(examples) if examples else one
+        if self.pad_to is None:
+            return batch
         return _pad_rows(batch, one, two, max(len(examples), 1), self.pad_to, "batch")
 
     def __getstate__(self) -> dict[str, Any]:
@@ -379,6 +413,31 @@ def _zero_rows(one: Any, two: Any) -> Any:
         items = [_zero_rows(a, b) for a, b in zip(one, two)]
         return type(one)(*items) if hasattr(one, "_fields") else type(one)(items)
     return one
+
+
+def _random_rows(one: Any, two: Any) -> Any:
+    """``one`` (a collated batch of 1 example) with each per-example tensor or array (whatever grows from ``one`` to
+    ``two``, the same example collated twice) replaced by random 0/1 values of its shape and dtype, drawn from torch's
+    global RNG in the order of the structure, as Opacus' ``rand_on_empty`` does; parts shared by all examples are
+    kept. Per-example values of other types cannot be made random and raise."""
+    if isinstance(one, (torch.Tensor, np.ndarray)):
+        if tuple(one.shape) == tuple(two.shape):
+            return one
+        if isinstance(one, np.ndarray):
+            return torch.randint(0, 2, one.shape).numpy().astype(one.dtype)
+        return torch.randint(0, 2, one.shape, dtype=one.dtype, device=one.device)
+    if isinstance(one, Mapping):
+        items = {key: _random_rows(one[key], two[key]) for key in one}
+        return items if type(one) is dict else type(one)(items)
+    if isinstance(one, (list, tuple)) and len(one) == len(two):
+        items = [_random_rows(a, b) for a, b in zip(one, two)]
+        return type(one)(*items) if hasattr(one, "_fields") else type(one)(items)
+    if _equal(one, two):
+        return one
+    raise TypeError(
+        f"rand_on_empty cannot make a random example of {type(one).__name__} {one!r}: only tensors and arrays can be "
+        "random. Pass rand_on_empty=False (an empty batch then has zero rows)"
+    )
 
 
 def _pad_rows(batch: Any, one: Any, two: Any, rows: int, size: int, where: str) -> Any:
@@ -475,17 +534,20 @@ def _poisson_sampler(
     sample_rate: float,
     steps: int | None,
     generator: torch.Generator | None,
+    seed_source: torch.Generator | None,
     secure_mode: bool,
     distributed: bool,
 ) -> PoissonBatchSampler:
     """The logical-batch sampler: plain, or split over the ranks of torch.distributed."""
     if not distributed:
-        return PoissonBatchSampler(num_samples, sample_rate, steps=steps, generator=generator, secure_mode=secure_mode)
+        return PoissonBatchSampler(
+            num_samples, sample_rate, steps=steps, generator=generator, seed_source=seed_source, secure_mode=secure_mode
+        )
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("distributed=True needs torch.distributed initialised (init_process_group) first")
     if not secure_mode:
-        generator = _shared_generator(generator)
+        generator = _shared_generator(generator, seed_source)
     return DistributedPoissonBatchSampler(
         num_samples,
         sample_rate,
@@ -497,11 +559,12 @@ def _poisson_sampler(
     )
 
 
-def _shared_generator(generator: torch.Generator | None) -> torch.Generator:
-    """A generator in the same state on every rank: seeded by rank 0 if None, else checked to agree across ranks."""
+def _shared_generator(generator: torch.Generator | None, seed_source: torch.Generator | None) -> torch.Generator:
+    """A generator in the same state on every rank: seeded by rank 0 (from ``seed_source``, or torch's global RNG)
+    if None, else checked to agree across ranks."""
     dist = torch.distributed
     if generator is None:
-        seed = [_seed_from_global_rng() if dist.get_rank() == 0 else None]
+        seed = [draw_seed(seed_source) if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(seed, src=0)
         return torch.Generator().manual_seed(seed[0])
     digest = hashlib.sha256(generator.get_state().numpy().tobytes()).hexdigest()

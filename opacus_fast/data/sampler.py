@@ -104,9 +104,9 @@ def _os_seed() -> int:
     return int.from_bytes(os.urandom(8), "little")
 
 
-def _seed_from_global_rng() -> int:
-    """A seed drawn from torch's global RNG, so that ``torch.manual_seed`` makes default samplers reproducible."""
-    return int(torch.empty((), dtype=torch.int64).random_().item())
+def draw_seed(source: torch.Generator | None = None) -> int:
+    """A seed drawn from ``source``, or from torch's global RNG (so that ``torch.manual_seed`` governs it)."""
+    return int(torch.empty((), dtype=torch.int64).random_(generator=source).item())
 
 
 def _rank_part(size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -144,7 +144,11 @@ class PoissonBatchSampler(Sampler[list[int]]):
         num_samples: dataset size N.
         sample_rate: inclusion probability q in (0, 1].
         steps: logical batches per epoch (``len(sampler)``); default ``int(1 / sample_rate)``, as in Opacus.
-        generator: source of randomness; default: a new generator seeded from torch's global RNG.
+        generator: source of randomness, used as it is.
+        seed_source: without ``generator``, the draws come from a dedicated generator seeded, when the first
+            iteration starts, from ``seed_source`` (e.g. the user's DataLoader generator) or, if None, from torch's
+            global RNG: as in Opacus, the seed at the time of iteration governs the batches. Later iterations
+            continue that stream (and checkpoints restore it), so a resumed run never redraws batches already used.
         secure_mode: draw every step from a generator freshly seeded with 64 bits of OS entropy (``os.urandom``):
             no seed exists that could replay the batches. (The per-step generator is torch's Mersenne Twister,
             not a cryptographic one.) Refuses a user ``generator``.
@@ -160,6 +164,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         *,
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        seed_source: torch.Generator | None = None,
         secure_mode: bool = False,
     ) -> None:
         self.steps = _check_arguments(num_samples, sample_rate, steps)
@@ -172,9 +177,10 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.secure_mode = secure_mode
         self.generator: torch.Generator | None = None
         if not secure_mode:
-            self.generator = generator if generator is not None else torch.Generator().manual_seed(
-                _seed_from_global_rng()
-            )
+            self.generator = generator if generator is not None else torch.Generator()
+        self.seed_source = seed_source
+        #: whether ``generator`` holds its seed (a given one does; a dedicated one gets it at the first iteration)
+        self.seeded = generator is not None
         self._start_step = 0  # where the next iteration begins (non-zero only after load_state_dict)
         self._next_step = 0  # the step the active iteration draws next
         self._active: object | None = None  # token of the active iteration, if any
@@ -190,6 +196,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         """Like ``iter(sampler)``, but yields :class:`Draw` records (indices and the largest part over ranks)."""
         token = object()
         self._active = token
+        self.ensure_seeded()
         self._next_step, self._start_step = self._start_step, 0
         try:
             while self._next_step < self.steps:
@@ -199,6 +206,12 @@ class PoissonBatchSampler(Sampler[list[int]]):
         finally:
             if self._active is token:
                 self._active = None
+
+    def ensure_seeded(self) -> None:
+        """Seed the dedicated generator from ``seed_source`` (or torch's global RNG) if it has no seed yet."""
+        if not self.seeded and self.generator is not None:
+            self.generator.manual_seed(draw_seed(self.seed_source))
+            self.seeded = True
 
     @property
     def iterating(self) -> bool:
@@ -223,10 +236,11 @@ class PoissonBatchSampler(Sampler[list[int]]):
         return self.generator
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the next draw stands: the generator state and the step within the epoch (0 = a new epoch)."""
+        """Where the next draw stands: the generator state (and whether it is seeded yet) and the step within the
+        epoch (0 = a new epoch)."""
         step = self._next_step % self.steps if self._active is not None else self._start_step
         state = None if self.generator is None else self.generator.get_state()
-        return {"step": step, "generator_state": state}
+        return {"step": step, "generator_state": state, "seeded": self.seeded}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`: the next iteration draws the same batches as the saved run would have."""
@@ -237,6 +251,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
             raise ValueError("the state was saved with a different secure_mode; build the sampler the same way")
         if generator_state is not None:
             self.generator.set_state(generator_state.cpu())
+            self.seeded = state.get("seeded", True)
         self._start_step = step
 
 

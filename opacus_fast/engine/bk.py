@@ -10,6 +10,7 @@ The engine knows no layer type: layer rules (``grad_sample/``) do that part.
 from __future__ import annotations
 
 import contextlib
+import sys
 import types
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -90,6 +91,9 @@ class BKEngine:
         self.tracker = BatchTracker(self)
         #: whether forward hooks that resume tracking in checkpointing recomputations are installed
         self._follows_recomputation = False
+        #: called once per clipped backward with each example's gradient norm and the padding mask (flat clipping
+        #: only), e.g. by adaptive clipping, which counts the examples left unclipped
+        self.norms_listener: Callable[[Tensor, Tensor | None], None] | None = None
         self._records: list[Record] = []
         self._task: int | None = None
         self._handles: list[Any] = []
@@ -103,19 +107,23 @@ class BKEngine:
 
     # ---- attaching -------------------------------------------------------------------------------------------
     def _attach(self) -> None:
+        model = self.model
         calls: list[contextlib.ExitStack] = []
 
-        def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            stack = contextlib.ExitStack()
-            stack.enter_context(self.model_call(args, kwargs))
-            calls.append(stack)
+        # Every call of the model runs inside model_call: a forward pre-hook, registered after the model's own (so
+        # it sees the arguments they made), enters it, and a forward hook that runs also when the forward raises
+        # leaves it. A copy of the model (an EMA) shares the hooks, which ignore calls of any other module.
+        def enter(called: nn.Module, args: tuple, kwargs: dict) -> None:
+            if called is model:
+                calls.append(contextlib.ExitStack())
+                calls[-1].enter_context(self.model_call(args, kwargs))
 
-        def leave(module: nn.Module, args: tuple, output: Any) -> None:
-            if calls:
-                calls.pop().close()
+        def leave(called: nn.Module, args: tuple, output: Any) -> None:
+            if called is model and calls:
+                calls.pop().__exit__(*sys.exc_info())
 
-        self._handles.append(self.model.register_forward_pre_hook(enter, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(leave, always_call=True))
+        self._handles.append(model.register_forward_pre_hook(enter, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(leave, always_call=True))
         for site in self.sites:
             site.module.forward = types.MethodType(self._make_call(site), site.module)
         for pid in self.trainable:
@@ -466,9 +474,15 @@ class BKEngine:
         if self.bound.flat is not None:
             total = torch.stack([v.to(torch.float64 if v.dtype == torch.float64 else torch.float32)
                                  for v in sq.values()]).sum(dim=0)
+            self.report_norms(total, scale, mask)
             shared = factor(total, self.bound.flat)
             return {p: shared for p in sq}
         return {p: factor(v, self.bound.per_param[p]) for p, v in sq.items()}
+
+    def report_norms(self, sq_norms: Tensor, scale: float, mask: Tensor | None) -> None:
+        """Hand each example's gradient norm ``sqrt(sq_norms) * scale`` and the padding mask to ``norms_listener``."""
+        if self.norms_listener is not None:
+            self.norms_listener(sq_norms.sqrt() * scale, mask)
 
 
 def _release_frozen(records: list[Record]) -> None:

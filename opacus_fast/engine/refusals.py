@@ -9,6 +9,7 @@ during forward or backward, before anything reaches a parameter.
 from __future__ import annotations
 
 import torch
+from opacus.validators.errors import UnsupportedModuleError as OpacusUnsupportedModuleError
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -17,8 +18,9 @@ Tensor = torch.Tensor
 MIXING = (nn.modules.batchnorm._BatchNorm,)
 
 
-class UnsupportedModuleError(ValueError):
-    """The model has a part whose per-example gradients opacus_fast cannot compute exactly."""
+class UnsupportedModuleError(OpacusUnsupportedModuleError):
+    """The model has a part whose per-example gradients opacus_fast cannot compute exactly (also an Opacus
+    ``UnsupportedModuleError``, hence a ``ValueError``, so that ``except`` clauses written for Opacus catch it)."""
 
 
 def describe(name: str, module: nn.Module) -> str:
@@ -209,8 +211,9 @@ def reentrant_checkpoint(site: str) -> UnsupportedModuleError:
     )
 
 
-def backward_twice() -> RuntimeError:
-    return RuntimeError(
+def backward_twice() -> ValueError:
+    """A ValueError, as Opacus raises for a second backward without a step under Poisson sampling."""
+    return ValueError(
         "backward() ran twice on the same physical batch: each example's gradient must come from one backward pass "
         "to be clipped correctly. Add the losses together and call backward() once; if the second backward is "
         "another model's step through this one (a GAN generator's), freeze this model's parameters for it "
@@ -227,8 +230,9 @@ def batch_skipped() -> RuntimeError:
     )
 
 
-def logical_batch_pending() -> RuntimeError:
-    return RuntimeError(
+def logical_batch_pending() -> ValueError:
+    """A ValueError, as Opacus raises for a second backward without a step under Poisson sampling."""
+    return ValueError(
         "a new logical batch started while clipped gradients of an unfinished one are still pending (the loop left a "
         "logical batch before its last physical batch was stepped). Call optimizer.zero_grad() at the start of each "
         "iteration (it discards them), or optimizer.step() after every physical batch"
