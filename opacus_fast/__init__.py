@@ -3,7 +3,8 @@
 from .engine import BKEngine, UnsupportedModuleError
 from .optimizer import FastDPOptimizer
 from .privacy_engine import BKGradSampleModule, PrivacyEngine
+from .validators import fix
 
 __version__ = "0.1.0"
 
-__all__ = ["BKEngine", "BKGradSampleModule", "FastDPOptimizer", "PrivacyEngine", "UnsupportedModuleError"]
+__all__ = ["BKEngine", "BKGradSampleModule", "FastDPOptimizer", "PrivacyEngine", "UnsupportedModuleError", "fix"]

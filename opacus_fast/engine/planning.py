@@ -40,17 +40,43 @@ def own_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
     return own
 
 
+class Problems:
+    """The refused modules of a model, one entry per module type and reason: a model with 49 BatchNorm layers gets
+    one line that counts them and names the first few, not 49 lines."""
+
+    SHOWN = 3  # module names listed per entry
+
+    def __init__(self) -> None:
+        self.found: dict[tuple[type, str], list[tuple[str, nn.Module]]] = {}
+
+    def add(self, name: str, module: nn.Module, reason: str) -> None:
+        """Record that ``module`` (called ``name``) is refused for ``reason`` (starting with its separator)."""
+        self.found.setdefault((type(module), reason), []).append((name, module))
+
+    def lines(self) -> list[str]:
+        """``'name' (Type) reason`` for a lone module, ``Type × n ('a', 'b', 'c' and k more) reason`` otherwise."""
+        out = []
+        for (cls, reason), modules in self.found.items():
+            if len(modules) == 1:
+                out.append(describe(*modules[0]) + reason)
+                continue
+            names = ", ".join(f"'{name or '<root>'}'" for name, _ in modules[: self.SHOWN])
+            more = f" and {len(modules) - self.SHOWN} more" if len(modules) > self.SHOWN else ""
+            out.append(f"{cls.__name__} × {len(modules)} ({names}{more}){reason}")
+        return out
+
+
 def plan_sites(model: nn.Module) -> list[Site]:
     """Decide how every trainable parameter is captured, or raise naming what cannot be handled exactly."""
     sites: list[Site] = []
-    problems: list[str] = []
+    problems = Problems()
     refused: set[int] = set()  # modules inside a refused one: reported with it
     for name, module in model.named_modules():
         if id(module) in refused:
             continue
         reason = refusals.module_refusal(module)
         if reason:
-            problems.append(f"{describe(name, module)} {reason}")
+            problems.add(name, module, f" {reason}")
             refused.update(id(m) for m in module.modules())
             continue
         own = own_trainable(module)
@@ -61,7 +87,7 @@ def plan_sites(model: nn.Module) -> list[Site]:
             unknown = sorted(set(own) - set(rule.params))
             reason = rule.validate(module) or (refusals.unknown_params(unknown) if unknown else None)
             if reason:
-                problems.append(f"{describe(name, module)}: {reason}")
+                problems.add(name, module, f": {reason}")
             else:
                 sites.append(Site(module, name, "forward", own, rule))
             continue
@@ -78,11 +104,10 @@ def plan_sites(model: nn.Module) -> list[Site]:
         if not child_params:
             sites.append(Site(module, name, "forward", own))
             continue
-        full = ", ".join(f"{name}.{n}" if name else n for n in own)
-        problems.append(f"{describe(name, module)} {refusals.own_and_child_params(full)}")
+        problems.add(name, module, f" {refusals.own_and_child_params(', '.join(own))}")
     for site in sites:
         if site.method in vars(site.module):
-            problems.append(f"{site.describe()} {refusals.instance_method(site.method)}")
-    if problems:
-        raise UnsupportedModuleError("opacus_fast cannot clip this model exactly:\n- " + "\n- ".join(problems))
+            problems.add(site.module_name, site.module, f" {refusals.instance_method(site.method)}")
+    if problems.found:
+        raise UnsupportedModuleError("opacus_fast cannot clip this model exactly:\n- " + "\n- ".join(problems.lines()))
     return sites
