@@ -130,10 +130,18 @@ def test_hugging_face_batch_loss_weights_examples_by_their_tokens() -> None:
     assert abs(out.loss - per_example.mean()) > 1e-3
 
 
-def test_llama_trained_with_the_loss_is_clipped_exactly() -> None:
-    """BK clipped sum of a Llama-style model with causal_lm_loss equals clipping one autograd gradient per example
-    (float64; one example all padding, some clipped, some not)."""
+@pytest.mark.parametrize("lora", [False, True])
+def test_llama_trained_with_the_loss_is_clipped_exactly(lora: bool) -> None:
+    """BK clipped sum of a Llama-style model (all weights, or peft LoRA adapters) with causal_lm_loss equals
+    clipping one autograd gradient per example (float64; one example all padding, some clipped, some not)."""
     model = tiny_llama()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+        for name, p in model.named_parameters():  # LoRA's B starts at zero: give the adapters a gradient of A too
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
     ids = torch.randint(1, 32, (4, 6), generator=torch.Generator().manual_seed(2))
     labels = ids.clone()
     labels[0, 4:] = IGNORE
