@@ -42,23 +42,38 @@ def test_help_texts_with_a_llama_built_from_a_config(tmp_path: Path) -> None:
     assert abs(summary["loss"]["test_before"] - math.log(259)) < 0.5  # an untrained model: ~uniform over 259 ids
 
 
-def test_local_weights_with_lora_on_jsonl_records(tmp_path: Path) -> None:
-    """--model-path loads saved weights (no tokenizer there: bytes), --lora trains adapters only, --data reads
+def save_word_tokenizer(texts: list[str], folder: Path) -> int:
+    """A word-level Hugging Face tokenizer of ``texts``' words, saved into ``folder``; returns its vocabulary size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"]))
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]")
+    wrapped.save_pretrained(folder)
+    return len(wrapped)
+
+
+def test_local_weights_and_tokenizer_with_lora_on_jsonl_records(tmp_path: Path) -> None:
+    """--model-path loads saved weights and the tokenizer saved with them, --lora trains adapters only, --data reads
     JSONL; with σ given, ε equals an independent accountant's for (σ, q, steps)."""
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    config = finetune.tiny_llama_config(259, 32, {"hidden_size": 32, "intermediate_size": 64})
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
     texts = [f"record {i}: " + "some private words " * (i % 5) for i in range(80)]
+    vocab = save_word_tokenizer(texts, tmp_path / "model")
+    torch.manual_seed(0)
+    config = finetune.tiny_llama_config(vocab, 32, {"hidden_size": 32, "intermediate_size": 64})
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(texts)))
     out = tmp_path / "out"
     summary = finetune.main([*TINY[:-2], "--model-path", str(tmp_path / "model"), "--lora", "--data",
                              str(tmp_path / "data.jsonl"), "--noise-multiplier", "1.0", "--epochs", "0.5",
                              "--out", str(out)])
     _check_run(summary, out, 0.5)
-    assert summary["data"]["train_records"] == 72 and summary["tokenizer"] == "bytes"
-    assert 0 < summary["model"]["trainable"] < summary["model"]["parameters"] / 4
+    assert summary["data"]["train_records"] == 72 and summary["tokenizer"] == str(tmp_path / "model")
+    assert summary["loss"]["test_before"] < 0.8 * math.log(259)  # ~uniform over the word ids, not over bytes
+    assert 0 < summary["model"]["trainable"] < summary["model"]["parameters"] / 3  # the adapters only
     privacy = summary["privacy"]
     accountant = PRVAccountant(
         prvs=[PoissonSubsampledGaussianMechanism(noise_multiplier=1.0, sampling_probability=privacy["sample_rate"])],
