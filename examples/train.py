@@ -153,7 +153,7 @@ class SmallCNN(nn.Module):
 
 
 def make_model(name: str, data: Data, timm_kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """Our small CNN or MLP, or a freshly initialised timm model made DP-compatible by Opacus' ModuleValidator.
+    """Our small CNN or MLP, or a freshly initialised timm model made DP-compatible by ``opacus_fast.fix``.
 
     No pretrained weights: they would need a download.
     """
@@ -163,12 +163,13 @@ def make_model(name: str, data: Data, timm_kwargs: dict[str, Any] | None = None)
         features = data.in_chans * data.image_size**2
         return nn.Sequential(nn.Flatten(), nn.Linear(features, 128), nn.Tanh(), nn.Linear(128, data.num_classes))
     import timm
-    from opacus.validators import ModuleValidator
+
+    import opacus_fast
 
     model = timm.create_model(
         name, pretrained=False, num_classes=data.num_classes, in_chans=data.in_chans, **(timm_kwargs or {})
     )
-    return ModuleValidator.fix(model)  # BatchNorm → GroupNorm and the like
+    return opacus_fast.fix(model)  # BatchNorm (timm's norm-act layers too) → GroupNorm, and the like
 
 
 # ---- training -----------------------------------------------------------------------------------------------------

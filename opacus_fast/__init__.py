@@ -3,6 +3,7 @@
 from .engine import BKEngine, UnsupportedModuleError
 from .optimizer import AdaptiveClipDPOptimizer, FastDPOptimizer
 from .privacy_engine import BKGradSampleModule, BKHooks, PrivacyEngine
+from .validators import fix
 
 __version__ = "0.1.0"
 
@@ -14,4 +15,5 @@ __all__ = [
     "FastDPOptimizer",
     "PrivacyEngine",
     "UnsupportedModuleError",
+    "fix",
 ]

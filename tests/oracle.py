@@ -11,6 +11,8 @@ from torch import nn
 from opacus_fast.clipping import ClipBound
 from opacus_fast.engine import BKEngine
 
+RTOL = 1e-6  # relative error allowed against the references, in float64
+
 
 def per_sample_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     """Flat per-example norms over all parameters of Opacus' per-sample gradient dict."""
@@ -22,9 +24,13 @@ def reference_clipped_sum(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """``{name: sum_i min(1, C/(||G_i||+1e-6)) G_i}`` and the per-example norms, from one-example backward passes."""
     grads = compute_microbatch_grad_sample(x, model, loss_reduction=loss_reduction)
-    norms = per_sample_norms(grads)
-    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-    return {n: torch.einsum("b,b...->...", factor, g) for n, g in grads.items()}, norms
+    return clip_and_sum(grads, max_grad_norm), per_sample_norms(grads)
+
+
+def clip_and_sum(grads: dict[str, torch.Tensor], max_grad_norm: float) -> dict[str, torch.Tensor]:
+    """``{name: sum_i min(1, C/(||G_i||+1e-6)) G_i}`` from Opacus' per-sample gradient dict."""
+    factor = (max_grad_norm / (per_sample_norms(grads) + 1e-6)).clamp(max=1.0)
+    return {n: torch.einsum("b,b...->...", factor, g) for n, g in grads.items()}
 
 
 def loop_clipped_sum(
@@ -77,3 +83,20 @@ def median_bound(norms: torch.Tensor) -> float:
     s = norms.sort().values
     mid = len(s) // 2
     return float((s[mid - 1] + s[mid]) / 2)
+
+
+def assert_exact(model: nn.Module, x: torch.Tensor, loss_reduction: str = "sum") -> None:
+    """Choose C so that some examples are clipped and some are not, then compare every parameter's clipped sum
+    from the BK engine with the microbatch oracle's."""
+    grads = compute_microbatch_grad_sample(x, model, loss_reduction=loss_reduction)
+    norms = per_sample_norms(grads)
+    bound = median_bound(norms)
+    assert (norms > bound).any() and (norms < bound).any()
+    expected = clip_and_sum(grads, bound)
+    got = bk_clipped_sum(model, x, bound, loss_reduction)
+    assert set(got) == set(expected)
+    total = torch.sqrt(sum(r.pow(2).sum() for r in expected.values()))
+    for name, ref in expected.items():
+        # a parameter whose true gradient vanishes (a bias before a norm layer) is compared to the total's scale
+        err = (got[name] - ref).norm() / torch.maximum(ref.norm(), 1e-6 * total)
+        assert err <= RTOL, f"{name}: relative error {err:.2e}"

@@ -5,15 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from models import RepeatedCall, TiedLM, TinyTransformer, cnn1d, cnn2d, cnn3d, linear4d, mlp
-from oracle import bk_clipped_sum, loop_clipped_sum, median_bound, reference_clipped_sum
+from oracle import RTOL, assert_exact, bk_clipped_sum, loop_clipped_sum
 from torch import nn
 
 from opacus_fast.clipping import ClipBound
 from opacus_fast.engine import BKEngine
 from opacus_fast.grad_sample import scale_examples, scratch_space
 from opacus_fast.grad_sample.linear import BLOCK_TOKENS, SPLIT_MIN_TOKENS, ghost_sq_norm, split_points
-
-RTOL = 1e-6
 
 
 def _inputs(name: str, batch: int) -> torch.Tensor:
@@ -41,21 +39,6 @@ def _model(name: str) -> nn.Module:
         "transformer": TinyTransformer, "tied": TiedLM, "repeated": RepeatedCall,
     }
     return factories[name]().double()
-
-
-def assert_exact(model: nn.Module, x: torch.Tensor, loss_reduction: str = "sum") -> None:
-    """Choose C so that some examples are clipped and some are not, then compare every parameter."""
-    _, norms = reference_clipped_sum(model, x, 1.0, loss_reduction)
-    bound = median_bound(norms)
-    assert (norms > bound).any() and (norms < bound).any()
-    expected, _ = reference_clipped_sum(model, x, bound, loss_reduction)
-    got = bk_clipped_sum(model, x, bound, loss_reduction)
-    assert set(got) == set(expected)
-    total = torch.sqrt(sum(r.pow(2).sum() for r in expected.values()))
-    for name, ref in expected.items():
-        # a parameter whose true gradient vanishes (a bias before a norm layer) is compared to the total's scale
-        err = (got[name] - ref).norm() / torch.maximum(ref.norm(), 1e-6 * total)
-        assert err <= RTOL, f"{name}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn2d", "cnn1d", "cnn3d", "linear4d", "transformer", "tied", "repeated"])

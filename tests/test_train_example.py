@@ -9,32 +9,19 @@ loop that takes the wrong number of steps fails.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pickle
-import socket
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from example_scripts import load_example, refuse_network
 from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant
 from torch import nn
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train.py"
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location("opacus_fast_train_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_example()
+train = load_example("train.py")
 SHORT = ["--epochs", "5", "--no-progress"]  # 28 logical steps of expected size 256 (~10 s on 2 busy cores)
 
 
@@ -97,12 +84,7 @@ def test_train_batch_counts_real_rows_only() -> None:
 
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any attempt to open a connection (a download) fails loudly instead of reaching the network."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the example tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+    refuse_network(monkeypatch)
 
 
 @pytest.mark.usefixtures("no_network")

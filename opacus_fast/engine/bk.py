@@ -24,6 +24,7 @@ from torch import nn
 from ..clipping import ClipBound, has_pending_sums
 from ..data.context import BatchContext, PhysicalBatchInfo
 from ..grad_sample import EmbeddingBagRule, EmbeddingRule, LinearRule, scratch_space, sq_norm, weighted_sum
+from ..losses import warn_when_backpropagated
 from . import refusals
 from .captures import LayerCapture, check_recomputation
 from .layout import Batch, Untracked, Whole, rows_to_examples, to_batch_first
@@ -121,6 +122,8 @@ class BKEngine:
         def leave(called: nn.Module, args: tuple, output: Any) -> None:
             if called is model and calls:
                 calls.pop().__exit__(*sys.exc_info())
+                if torch.is_grad_enabled():
+                    warn_when_backpropagated(output)
 
         self._handles.append(model.register_forward_pre_hook(enter, with_kwargs=True))
         self._handles.append(model.register_forward_hook(leave, always_call=True))

@@ -13,6 +13,8 @@ from opacus.validators.errors import UnsupportedModuleError as OpacusUnsupported
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..validators import converts
+
 Tensor = torch.Tensor
 #: layers that mix examples within a batch: per-example gradients do not exist
 MIXING = (nn.modules.batchnorm._BatchNorm,)
@@ -43,9 +45,10 @@ def module_refusal(module: nn.Module) -> str | None:
     if isinstance(module, MIXING):
         return (
             "it mixes examples within a batch (batch statistics), so per-example gradients do not exist; replace it, "
-            "e.g. with opacus.validators.ModuleValidator.fix(model) (BatchNorm → GroupNorm)"
-            + ("" if type(module).__module__.startswith("torch.") else "; that converts torch's own BatchNorm "
-               "classes only, so replace this subclass by hand (e.g. by a GroupNorm followed by its activation)")
+            "e.g. with model = opacus_fast.fix(model) (BatchNorm → GroupNorm)"
+            + ("" if converts(module) else "; that converts torch's own BatchNorm classes and timm's BatchNormAct2d "
+               "and SyncBatchNormAct only, so replace this subclass by hand (e.g. by a GroupNorm followed by its "
+               "activation)")
         )
     if isinstance(module, nn.RNNBase) and trainable(module):
         return (
