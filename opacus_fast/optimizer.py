@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _generate_noise
+from torch._utils import _unflatten_dense_tensors
 from torch.optim import Optimizer
 
 from .clipping import ClipBound, has_pending_sums
@@ -148,23 +149,17 @@ class FastDPOptimizer(DPOptimizer):
                 p.summed_grad = None
 
     def add_noise(self) -> None:
-        """``p.grad = summed clipped grads + N(0, σ²C²)``, drawn once per parameter per logical batch."""
-        sums = [p.summed_grad if getattr(p, "summed_grad", None) is not None else torch.zeros_like(p)
-                for p in self.params]
-        for p, s in zip(self.params, sums):
-            noise = _generate_noise(
-                std=self.noise_multiplier * self.max_grad_norm,
-                reference=s,
-                generator=self.generator,
-                secure_mode=self.secure_mode,
-            )
-            p.grad = (s + noise).view_as(p)
+        """``p.grad = summed clipped grads + N(0, σ²C²)``, drawn once per logical batch (see :func:`add_noise`)."""
+        params = self.params
+        grads = [p.summed_grad if getattr(p, "summed_grad", None) is not None else torch.zeros_like(p) for p in params]
+        add_noise(grads, self.noise_multiplier * self.max_grad_norm, self.generator, self.secure_mode)
+        for p, grad in zip(params, grads):  # the engine's sums have their parameter's shape
+            p.grad = grad
             p.summed_grad = None
 
     def scale_grad(self) -> None:
         if self.loss_reduction == "mean":
-            for p in self.params:
-                p.grad /= self.expected_batch_size * self.accumulated_iterations
+            torch._foreach_div_([p.grad for p in self.params], self.expected_batch_size * self.accumulated_iterations)
 
     def state_dict(self) -> dict:
         """The wrapped optimizer's state plus the noise generator's state (for an identical resumed run).
@@ -187,6 +182,28 @@ class FastDPOptimizer(DPOptimizer):
             p.summed_grad = None
         self._is_last_step_skipped = False
         self._step_skip_queue.clear()
+
+
+def add_noise(tensors: list[torch.Tensor], std: float, generator: torch.Generator | None, secure_mode: bool) -> None:
+    """Add independent N(0, std²) noise to every element of ``tensors``, in place.
+
+    One draw per (device, dtype) of a flat buffer for all the tensors, split among them, and one foreach add: a
+    handful of kernels instead of several per parameter. Every element gets its own draw from ``generator`` in the
+    tensors' dtype, as Opacus draws per parameter; with ``secure_mode``, Opacus' own secure draw makes the buffer.
+    """
+    if std == 0:
+        return
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for (device, dtype), group in groups.items():
+        total = sum(t.numel() for t in group)
+        if secure_mode:
+            shape_of = torch.empty((), device=device, dtype=dtype).expand(total)
+            noise = _generate_noise(std=std, reference=shape_of, generator=generator, secure_mode=True)
+        else:
+            noise = torch.normal(0.0, std, size=(total,), generator=generator, device=device, dtype=dtype)
+        torch._foreach_add_(group, _unflatten_dense_tensors(noise, group))
 
 
 def _check_clipped(context: BatchContext) -> None:

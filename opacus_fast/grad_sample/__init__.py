@@ -3,6 +3,7 @@
 from . import conv, embedding, linear, norm  # noqa: F401  (registers the rules)
 from .registry import (
     LayerRule,
+    cast,
     find_rule,
     norm_dtype,
     register_rule,
@@ -15,6 +16,7 @@ from .units import find_unit, foreign_leaves, register_unit, run_per_example
 
 __all__ = [
     "LayerRule",
+    "cast",
     "find_rule",
     "find_unit",
     "foreign_leaves",
