@@ -320,11 +320,13 @@ class _ClippingWork:
     def clipped_sums(self, factors: dict[nn.Parameter, Tensor], flat: bool) -> list[tuple[nn.Parameter, Tensor]]:
         """``(p, sum_i factor_i G_i)`` for every clipped parameter (``flat``: one factor for all)."""
         sums = []
-        for rec, names, cache in self.ruled:
+        while self.ruled:  # each layer's saved input and output gradient are freed as soon as its sums are taken
+            rec, names, cache = self.ruled.pop(0)
             site = rec.site
             wanted = {n: factors[site.params[n]] for n in names}
             sums += [(site.params[n], s) for n, s in site.rule.clipped_sum(
                 site.module, rec.saved, rec.g, wanted, cache).items()]
+            rec.saved, rec.g, cache = (), None, None
         if not flat:
             return sums + [(p, weighted_sum(factors[p], grad)) for p, grad in self.examples]
         for params, grads in self.blocks:  # one GEMV for each block
