@@ -4,6 +4,10 @@ capture → norms → clip factors → clipped sums. During backward every train
 gradient to the engine (autograd never computes weight gradients); once the *whole* backward has finished, the
 engine computes every example's gradient norm, the clip factors, and adds ``sum_i factor_i * G_i`` to
 ``p.summed_grad``. The engine knows no layer type: layer rules (``grad_sample/``) do that part.
+
+A step launches few kernels and never makes the host wait for the device: small per-example gradients (biases,
+norm layers, units) are clipped as one block per device, the clip factors are computed once for all parameters,
+and the sums of a logical batch's later physical batches are added in one foreach kernel.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ the loss with respect to the layer's output, the rule answers:
 * ``norms``: per-example squared gradient norms of the requested parameters (ghost or instantiated);
 * ``clipped_sum``: ``sum_i factor_i * G_i`` for each requested parameter, as fresh tensors (the engine keeps them and
   adds later physical batches to them in place);
-* ``per_sample``: the per-example gradients themselves (used when a parameter has several uses in one pass).
+* ``per_sample``: the per-example gradients themselves (used when a parameter has several uses in one pass, and for
+  the rule's ``per_example_params``, small ones such as a bias, which the engine clips together with all other small
+  per-example gradients: one norm and one sum kernel for all of them).
 """
 
 from __future__ import annotations
