@@ -76,7 +76,8 @@ Columns:
               torch.cuda.max_memory_allocated over the step, absolute)
   host ms     wall time per step on a launch-bound copy of the model (--launch-bound: all widths shrunk, small
               images and batch, so that the math is negligible and the time is what the host spends issuing
-              work); methods interleaved over --rounds rounds, median per method, ratio within the run
+              work); methods interleaved over --rounds rounds: the median per method, and the median over rounds
+              of the ratio to sgd's time in the same round
 
 Outputs: a table on stdout and <out>.json and <out>.md (default benchmarks/results/step-<device>-<UTC time>)."""
 
@@ -244,11 +245,10 @@ def _host_times(spec: str, args: argparse.Namespace) -> dict[str, dict[str, Any]
             out[method] = {"status": "failed", "error": f"{type(item).__name__}: {item}"[:300]}
         else:
             out[method] = {"status": "ok", "host_ms": statistics.median(times[method]), "host_ms_all": times[method]}
-    sgd = out.get("sgd", {}).get("host_ms")
-    if sgd:
-        for method, row in out.items():
+    if out.get("sgd", {}).get("status") == "ok":  # per round (the methods ran one after the other), then the median
+        for row in out.values():
             if row["status"] == "ok":
-                row["ratio"] = row["host_ms"] / sgd
+                row["ratio"] = statistics.median(t / s for t, s in zip(row["host_ms_all"], out["sgd"]["host_ms_all"]))
     return out
 
 
@@ -302,7 +302,7 @@ def render_markdown(results: dict[str, Any], meta: dict[str, Any], args: argpars
     if results["host"]:
         lines += ["", (f"Host time per step on launch-bound copies ({args.launch_img_size} px, physical batch "
                   f"{args.launch_batch}, {args.host_threads} thread(s); median of {args.rounds} rounds of "
-                  f"{args.steps} steps, methods interleaved):"),
+                  f"{args.steps} steps, methods interleaved; x sgd: median of the per-round ratios):"),
                   "", "| model | method | host ms/step | x sgd | rounds (ms) |", "|---|---|---:|---:|---|"]
         for spec, rows in results["host"].items():
             for method, row in rows.items():
@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--launch-img-size", type=int, default=32,
         help="image side of the launch-bound copies (default 32: 5 tokens for patch 16)")
     add("--launch-batch", type=int, default=4, help="physical batch of the launch-bound copies (default 4)")
-    add("--rounds", type=int, default=7, help="interleaved timing rounds per method (default 7)")
+    add("--rounds", type=int, default=15, help="interleaved timing rounds per method (default 15)")
     add("--steps", type=int, default=10, help="steps timed per round (default 10)")
     add("--top", type=int, default=15, help="most frequent ops kept per method (default 15)")
     add("--seed", type=int, default=0)
