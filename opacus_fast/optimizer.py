@@ -149,10 +149,10 @@ class FastDPOptimizer(DPOptimizer):
                 p.summed_grad = None
 
     def add_noise(self) -> None:
-        """``p.grad = summed clipped grads + N(0, σ²C²)``, drawn once per logical batch (see :func:`add_noise`)."""
+        """``p.grad = summed clipped grads + N(0, σ²C²)``, one draw per logical batch (:func:`add_gaussian_noise`)."""
         params = self.params
         grads = [p.summed_grad if getattr(p, "summed_grad", None) is not None else torch.zeros_like(p) for p in params]
-        add_noise(grads, self.noise_multiplier * self.max_grad_norm, self.generator, self.secure_mode)
+        add_gaussian_noise(grads, self.noise_multiplier * self.max_grad_norm, self.generator, self.secure_mode)
         for p, grad in zip(params, grads):  # the engine's sums have their parameter's shape
             p.grad = grad
             p.summed_grad = None
@@ -184,7 +184,9 @@ class FastDPOptimizer(DPOptimizer):
         self._step_skip_queue.clear()
 
 
-def add_noise(tensors: list[torch.Tensor], std: float, generator: torch.Generator | None, secure_mode: bool) -> None:
+def add_gaussian_noise(
+    tensors: list[torch.Tensor], std: float, generator: torch.Generator | None, secure_mode: bool
+) -> None:
     """Add independent N(0, std²) noise to every element of ``tensors``, in place.
 
     One draw per (device, dtype) of a flat buffer for all the tensors, split among them, and one foreach add: a

@@ -138,7 +138,7 @@ class _GroupStatsRule(_AffineNormRule):
         x, mean, rstd = saved
         batch, channels = x.shape[:2]
         _, weight, bias = aten.native_group_norm_backward(
-            g.to(x.dtype).reshape(1, batch * channels, -1), x.reshape(1, batch * channels, -1),
+            cast(g, x.dtype).reshape(1, batch * channels, -1), x.reshape(1, batch * channels, -1),
             mean.reshape(1, -1), rstd.reshape(1, -1), None, 1, batch * channels, math.prod(x.shape[2:]),
             batch * self.groups(layer), [False, "weight" in names, "bias" in names],
         )
