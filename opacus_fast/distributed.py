@@ -44,11 +44,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from opacus.optimizers.optimizer import _generate_noise
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .optimizer import FastDPOptimizer
+from .optimizer import FastDPOptimizer, add_gaussian_noise
 
 Tensor = torch.Tensor
 BUCKET_CAP_MB = 64.0
@@ -320,9 +319,9 @@ class DistributedFastDPOptimizer(FastDPOptimizer):
         sums = [p.summed_grad if getattr(p, "summed_grad", None) is not None else torch.zeros_like(p)
                 for p in self.params]
         if self.adds_noise:
-            std = self.noise_multiplier * self.max_grad_norm
-            sums = [s + _generate_noise(std=std, reference=s, generator=self.generator, secure_mode=self.secure_mode)
-                    for s in sums]
+            sums = torch._foreach_mul(sums, 1.0)  # fresh tensors: the local sums stay as they are
+            std = self.gradient_noise_multiplier() * self.max_grad_norm
+            add_gaussian_noise(sums, std, self.generator, self.secure_mode)
         reduced = _guarded(
             f"the all-reduce of the clipped gradient sums of logical step {self.logical_steps}",
             lambda: coalesced(sums, lambda flat: dist.all_reduce(flat, async_op=True), self.bucket_cap_mb),

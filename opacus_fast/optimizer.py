@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _generate_noise
+from torch._utils import _unflatten_dense_tensors
 from torch.optim import Optimizer
 
 from .clipping import ClipBound, has_pending_sums, mark_released
@@ -199,23 +200,19 @@ class FastDPOptimizer(DPOptimizer):
                 p.summed_grad = None
 
     def add_noise(self) -> None:
-        """``p.grad = summed clipped grads + N(0, σ²C²)``, drawn once per parameter per logical batch; ``p.summed_grad``
-        stays until ``zero_grad()``."""
-        sums = [p.summed_grad if getattr(p, "summed_grad", None) is not None else torch.zeros_like(p)
-                for p in self.params]
-        for p, s in zip(self.params, sums):
-            noise = _generate_noise(
-                std=self.gradient_noise_multiplier() * self.max_grad_norm,
-                reference=s,
-                generator=self.generator,
-                secure_mode=self.secure_mode,
-            )
-            p.grad = (s + noise).view_as(p)
+        """``p.grad = summed clipped grads + N(0, σ²C²)``, one draw per logical batch (:func:`add_gaussian_noise`);
+        ``p.summed_grad`` stays, without noise, until ``zero_grad()``."""
+        params = self.params
+        sums = [p.summed_grad if getattr(p, "summed_grad", None) is not None else torch.zeros_like(p) for p in params]
+        grads = torch._foreach_mul(sums, 1.0)  # fresh tensors, the sums' shapes (one kernel)
+        std = self.gradient_noise_multiplier() * self.max_grad_norm
+        add_gaussian_noise(grads, std, self.generator, self.secure_mode)
+        for p, grad in zip(params, grads):
+            p.grad = grad
 
     def scale_grad(self) -> None:
         if self.loss_reduction == "mean":
-            for p in self.params:
-                p.grad /= self.expected_batch_size * self.accumulated_iterations
+            torch._foreach_div_([p.grad for p in self.params], self.expected_batch_size * self.accumulated_iterations)
 
     def state_dict(self) -> dict:
         """The wrapped optimizer's state plus the noise generator's state (for an identical resumed run).
@@ -338,6 +335,30 @@ class AdaptiveClipDPOptimizer(FastDPOptimizer):
         if bound is not None:
             self.max_grad_norm = bound
         self.unclipped_num = 0
+
+
+def add_gaussian_noise(
+    tensors: list[torch.Tensor], std: float, generator: torch.Generator | None, secure_mode: bool
+) -> None:
+    """Add independent N(0, std²) noise to every element of ``tensors``, in place.
+
+    One draw per (device, dtype) of a flat buffer for all the tensors, split among them, and one foreach add: a
+    handful of kernels instead of several per parameter. Every element gets its own draw from ``generator`` in the
+    tensors' dtype, as Opacus draws per parameter; with ``secure_mode``, Opacus' own secure draw makes the buffer.
+    """
+    if std == 0:
+        return
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for (device, dtype), group in groups.items():
+        total = sum(t.numel() for t in group)
+        if secure_mode:
+            shape_of = torch.empty((), device=device, dtype=dtype).expand(total)
+            noise = _generate_noise(std=std, reference=shape_of, generator=generator, secure_mode=True)
+        else:
+            noise = torch.normal(0.0, std, size=(total,), generator=generator, device=device, dtype=dtype)
+        torch._foreach_add_(group, _unflatten_dense_tensors(noise, group))
 
 
 def _check_clipped(context: BatchContext) -> None:

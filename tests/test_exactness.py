@@ -5,13 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 from models import RepeatedCall, TiedLM, TinyTransformer, cnn1d, cnn2d, cnn3d, linear4d, mlp
-from oracle import RTOL, assert_exact, bk_clipped_sum, loop_clipped_sum
+from opacus.utils.per_sample_gradients_utils import compute_microbatch_grad_sample
+from oracle import RTOL, assert_exact, bk_clipped_sum, l1_loss, loop_clipped_sum, median_bound, reference_clipped_sum
 from torch import nn
 
 from opacus_fast.clipping import ClipBound
-from opacus_fast.engine import BKEngine
+from opacus_fast.engine import BKEngine, bk
 from opacus_fast.grad_sample import scale_examples, scratch_space
-from opacus_fast.grad_sample.linear import BLOCK_TOKENS, SPLIT_MIN_TOKENS, ghost_sq_norm, split_points
+from opacus_fast.grad_sample.linear import (
+    BLOCK_TOKENS,
+    SPLIT_MIN_TOKENS,
+    ghost_sq_norm,
+    split_pays,
+    split_point,
+)
 
 
 def _inputs(name: str, batch: int) -> torch.Tensor:
@@ -64,27 +71,28 @@ def test_ghost_and_instantiated_paths_agree() -> None:
 def test_ghost_norm_equals_instantiated_norm(tokens: int) -> None:
     """The Gram identity, whole or split into symmetric blocks, against the norm of g_i^T a_i itself."""
     gen = torch.Generator().manual_seed(tokens)
-    a = torch.randn(4, tokens, 7, generator=gen, dtype=torch.float64)
-    g = torch.randn(4, tokens, 5, generator=gen, dtype=torch.float64)
+    a = torch.randn(4, tokens, 300, generator=gen, dtype=torch.float64)
+    g = torch.randn(4, tokens, 200, generator=gen, dtype=torch.float64)
+    assert split_pays(a, g) == (tokens >= SPLIT_MIN_TOKENS)  # on the CPU, at these widths: both paths are tested
     expected = torch.einsum("btp,btd->bpd", g, a).pow(2).sum(dim=(1, 2))
     torch.testing.assert_close(ghost_sq_norm(a, g), expected, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("tokens", range(SPLIT_MIN_TOKENS, SPLIT_MIN_TOKENS + 3 * BLOCK_TOKENS))
-def test_split_points_cover_every_token_once_in_aligned_blocks(tokens: int) -> None:
-    points = split_points(tokens)
-    assert points[0] == 0 and points[-1] == tokens and points == sorted(set(points))
-    strip = tokens % BLOCK_TOKENS
-    assert points[1] == strip if strip else points[1] % BLOCK_TOKENS == 0
-    assert all((p - strip) % BLOCK_TOKENS == 0 for p in points[1:])
-    assert len(points) == (4 if strip else 3)
+def test_split_point_leaves_an_aligned_lower_half(tokens: int) -> None:
+    cut = split_point(tokens)
+    lower = tokens - cut
+    assert lower % BLOCK_TOKENS == 0 and 0 < lower <= cut
+    assert cut - lower < 2 * BLOCK_TOKENS  # close to the middle: about a quarter of the Gram left out
 
 
 def test_split_gram_path_is_exact_end_to_end() -> None:
-    """A layer with T > SPLIT_MIN_TOKENS and 2T^2 < p*d (96 x 96) takes the split-Gram ghost path."""
+    """A layer with T > SPLIT_MIN_TOKENS and 2T^2 < p*d (200 x 200) takes the split-Gram ghost path."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 96), nn.Tanh(), nn.Linear(96, 96), nn.Tanh(), nn.Linear(96, 2)).double()
-    assert_exact(model, torch.randn(5, SPLIT_MIN_TOKENS + 1, 4, dtype=torch.float64))
+    model = nn.Sequential(nn.Linear(4, 200), nn.Tanh(), nn.Linear(200, 200), nn.Tanh(), nn.Linear(200, 2)).double()
+    x = torch.randn(5, SPLIT_MIN_TOKENS + 1, 4, dtype=torch.float64)
+    assert split_pays(torch.empty(5, SPLIT_MIN_TOKENS + 1, 200), torch.empty(5, SPLIT_MIN_TOKENS + 1, 200))
+    assert_exact(model, x)
 
 
 def test_scaled_examples_reuse_one_tensor_only_inside_a_scratch_space() -> None:
@@ -158,3 +166,65 @@ def test_empty_batch_runs_through_every_layer_family(name: str) -> None:
     finally:
         engine.detach()
     assert all(getattr(p, "summed_grad", None) is None and p.grad is None for p in params)
+
+
+def _per_layer_reference(model: nn.Module, x: torch.Tensor, bounds: dict[str, float]) -> dict[str, torch.Tensor]:
+    """``{name: sum_i min(1, C_name/(||G_i(name)||+1e-6)) G_i(name)}`` from Opacus' microbatch per-sample gradients."""
+    grads = compute_microbatch_grad_sample(x, model, loss_reduction="sum")
+    out = {}
+    for name, g in grads.items():
+        norms = g.reshape(g.shape[0], -1).norm(dim=1)
+        out[name] = torch.einsum("b,b...->...", (bounds[name] / (norms + 1e-6)).clamp(max=1.0), g)
+    return out
+
+
+@pytest.mark.parametrize("name", ["transformer", "repeated", "cnn2d"])
+def test_per_layer_clipping_exact(name: str) -> None:
+    """Per-layer bounds: every parameter's own factor, through rules, eager norm layers, units and repeated uses."""
+    model, x = _model(name), _inputs(name, 6)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    norms = {n: g.reshape(g.shape[0], -1).norm(dim=1)
+             for n, g in compute_microbatch_grad_sample(x, model, loss_reduction="sum").items()}
+    bounds = {n: float(v.median()) + 1e-9 for n, v in norms.items()}  # some examples clipped, some not, per layer
+    expected = _per_layer_reference(model, x, bounds)
+    engine = BKEngine(model, bound=ClipBound([bounds[n] for n in params], list(params.values())), loss_reduction="sum")
+    try:
+        l1_loss(model(x), "sum").backward()
+    finally:
+        engine.detach()
+    total = torch.sqrt(sum(r.pow(2).sum() for r in expected.values()))
+    for n, p in params.items():  # as in assert_exact: a vanishing true gradient is compared to the total's scale
+        err = (p.summed_grad - expected[n]).norm() / torch.maximum(expected[n].norm(), 1e-6 * total)
+        assert err <= RTOL, f"{n}: relative error {err:.2e}"
+
+
+def test_physical_batches_accumulate_exactly() -> None:
+    """Two backward passes: the second adds (one foreach kernel) into sums that share one block's buffer."""
+    model, x = _model("transformer"), _inputs("transformer", 6)
+    bound = median_bound(reference_clipped_sum(model, x, 1.0)[1])
+    first, _ = reference_clipped_sum(model, x[:3], bound)
+    second, _ = reference_clipped_sum(model, x[3:], bound)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    engine = BKEngine(model, bound=ClipBound(bound), loss_reduction="sum")
+    try:
+        l1_loss(model(x[:3]), "sum").backward()
+        l1_loss(model(x[3:]), "sum").backward()
+    finally:
+        engine.detach()
+    for n, p in params.items():
+        ref = first[n] + second[n]
+        assert (p.summed_grad - ref).norm() <= RTOL * ref.norm().clamp(min=1e-12), n
+        p.summed_grad = None
+
+
+def test_large_per_example_gradients_are_clipped_outside_the_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-example gradients above ``BLOCK_NUMEL`` are handled alone (not copied into the block): still exact."""
+    monkeypatch.setattr(bk, "BLOCK_NUMEL", 7)
+    for name in ("transformer", "tied"):
+        assert_exact(_model(name), _inputs(name, 6))
+
+
+def test_channels_last_group_norm_exact() -> None:
+    """GroupNorm's fused per-example kernel reads its input as (1, B*C, HW): a channels-last input is copied first."""
+    model = _model("cnn2d").to(memory_format=torch.channels_last)
+    assert_exact(model, _inputs("cnn2d", 6).contiguous(memory_format=torch.channels_last))

@@ -166,8 +166,9 @@ def test_refusal_lists_each_module_type_once() -> None:
     message = str(error.value)
     entries = message.split("\n- ")[1:]
     assert len(entries) == 3, message
-    assert entries[0].startswith("BatchNormAct2d × 49 ('bn1', 'blocks.0.0.bn1', 'blocks.0.0.bn2' and 46 more) mixes")
+    assert entries[0].startswith(
+        "BatchNormAct2d in 49 modules ('bn1', 'blocks.0.0.bn1', 'blocks.0.0.bn2' and 46 more): it mixes")
     assert "opacus_fast.fix(model)" in entries[0] and "by hand" not in entries[0]
-    assert entries[1].startswith("Embedding × 2 ('extra.0', 'extra.1'): ") and "max_norm" in entries[1]
-    assert entries[2].startswith("'lone' (BatchNorm1d) mixes") and "opacus_fast.fix(model)" in entries[2]
+    assert entries[1].startswith("Embedding in 2 modules ('extra.0', 'extra.1'): ") and "max_norm" in entries[1]
+    assert entries[2].startswith("'lone' (BatchNorm1d): it mixes") and "opacus_fast.fix(model)" in entries[2]
     assert len(message) < 1200

@@ -5,11 +5,16 @@ gradient to the engine (autograd never computes weight gradients), and the batch
 per-example gradients of parameters the model uses directly; once the *whole* backward has finished, the engine
 computes every example's gradient norm, the clip factors, and adds ``sum_i factor_i * G_i`` to ``p.summed_grad``.
 The engine knows no layer type: layer rules (``grad_sample/``) do that part.
+
+A step launches few kernels and never makes the host wait for the device: small per-example gradients (biases,
+norm layers, parameters used directly) are clipped as one block per device, the clip factors are computed once for all parameters,
+and the sums of a logical batch's later physical batches are added in one foreach kernel.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import types
 from collections import defaultdict
@@ -23,7 +28,7 @@ from torch import nn
 
 from ..clipping import ClipBound, has_pending_sums
 from ..data.context import BatchContext, PhysicalBatchInfo
-from ..grad_sample import EmbeddingBagRule, EmbeddingRule, LinearRule, scratch_space, sq_norm, weighted_sum
+from ..grad_sample import EmbeddingBagRule, EmbeddingRule, LinearRule, cast, scratch_space, sq_norm, weighted_sum
 from ..losses import warn_when_backpropagated
 from . import refusals
 from .captures import LayerCapture, check_recomputation
@@ -127,6 +132,8 @@ class BKEngine:
 
         self._handles.append(model.register_forward_pre_hook(enter, with_kwargs=True))
         self._handles.append(model.register_forward_hook(leave, always_call=True))
+        #: parameters not trainable when attaching: a backward refuses them if they have become trainable
+        self._uncaptured = [(n, p) for n, p in model.named_parameters() if id(p) not in self.trainable]
         for site in self.sites:
             site.module.forward = types.MethodType(self._make_call(site), site.module)
         for pid in self.trainable:
@@ -383,8 +390,8 @@ class BKEngine:
 
     def _check_coverage(self) -> None:
         """Refuse parameters made trainable after attaching: nothing captures them, so they would get noise only."""
-        for name, p in self.model.named_parameters():
-            if p.requires_grad and id(p) not in self.trainable:
+        for name, p in self._uncaptured:
+            if p.requires_grad:
                 raise refusals.parameter_unfrozen(name)
 
     def _mask(self, batch: int) -> Tensor | None:
@@ -423,69 +430,127 @@ class BKEngine:
         if batch == 0:  # an empty (unpadded) logical batch: nothing to clip; the step is noise only
             return
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
-
-        uses: dict[nn.Parameter, int] = defaultdict(int)  # frozen since attaching: 0, so neither clipped nor summed
-        for rec in records:
-            for p in rec.site.params.values():
-                uses[p] += p.requires_grad
-        sq: dict[nn.Parameter, Tensor] = {}
-        multi: dict[nn.Parameter, Tensor] = {}
-        caches: list[Any] = []
-        for rec in records:
-            single = [n for n, p in rec.site.params.items() if uses[p] == 1]
-            repeated = [n for n, p in rec.site.params.items() if uses[p] > 1]
-            cache = None
-            if rec.per_sample:
-                for n in single:
-                    sq[rec.site.params[n]] = sq_norm(rec.per_sample[n])
-                grads = {n: rec.per_sample[n] for n in repeated}
-            else:
-                if single:
-                    norms, cache = rec.site.rule.norms(rec.site.module, rec.saved, rec.g, single)
-                    for n in single:
-                        sq[rec.site.params[n]] = norms[n]
-                grads = rec.site.rule.per_sample(rec.site.module, rec.saved, rec.g, repeated) if repeated else {}
-            for n, grad in grads.items():
-                p = rec.site.params[n]
-                multi[p] = grad if p not in multi else multi[p] + grad
-            caches.append(cache)
-        for p, grad in multi.items():
-            sq[p] = sq_norm(grad)
-
-        factors = self._clip_factors(sq, scale, mask)
+        flat = self.bound.flat is not None
+        work = _ClippingWork.collect(records)
+        factors = self._clip_factors(work.sq_norms(flat), scale, mask)
         with scratch_space():
-            for rec, cache in zip(records, caches):
-                wanted = {n: factors[p] for n, p in rec.site.params.items() if uses[p] == 1}
-                if not wanted:
-                    continue
-                if rec.per_sample:
-                    sums = {n: weighted_sum(f, rec.per_sample[n]) for n, f in wanted.items()}
-                else:
-                    sums = rec.site.rule.clipped_sum(rec.site.module, rec.saved, rec.g, wanted, cache)
-                for n, s in sums.items():
-                    _accumulate(rec.site.params[n], s)
-        for p, grad in multi.items():
-            _accumulate(p, weighted_sum(factors[p], grad))
+            sums = work.clipped_sums(factors, flat)
+        _accumulate(sums)
 
-    def _clip_factors(self, sq: dict[nn.Parameter, Tensor], scale: float, mask: Tensor | None) -> dict:
-        """Per-parameter (B,) factors ``scale * min(1, C / (||G_i|| + 1e-6)) * mask_i`` (G_i the true gradient)."""
+    def _clip_factors(self, sq: list[tuple[list[nn.Parameter], Tensor]], scale: float, mask: Tensor | None) -> dict:
+        """Per-parameter (B,) factors ``scale * min(1, C / (||G_i|| + 1e-6)) * mask_i`` (G_i the true gradient), from
+        ``sq``: parameters with the (B,) sum of their squared per-example norms (one parameter each when clipping per
+        layer)."""
 
         def factor(sq_norms: Tensor, bound: float) -> Tensor:
             f = (bound / (sq_norms.sqrt() * scale + 1e-6)).clamp(max=1.0) * scale
-            return f if mask is None else f * mask.to(f.device, f.dtype)
+            return f if mask is None else f * mask.to(f.device, non_blocking=True)  # no host sync on a GPU
 
         if self.bound.flat is not None:
-            total = torch.stack([v.to(torch.float64 if v.dtype == torch.float64 else torch.float32)
-                                 for v in sq.values()]).sum(dim=0)
+            total = torch.stack([v for _, v in sq]).sum(dim=0)
             self.report_norms(total, scale, mask)
             shared = factor(total, self.bound.flat)
-            return {p: shared for p in sq}
-        return {p: factor(v, self.bound.per_param[p]) for p, v in sq.items()}
+            return {p: shared for params, _ in sq for p in params}
+        return {p: factor(v, self.bound.per_param[p]) for params, v in sq for p in params}
 
     def report_norms(self, sq_norms: Tensor, scale: float, mask: Tensor | None) -> None:
         """Hand each example's gradient norm ``sqrt(sq_norms) * scale`` and the padding mask to ``norms_listener``."""
         if self.norms_listener is not None:
             self.norms_listener(sq_norms.sqrt() * scale, mask)
+
+
+#: per-example gradients of up to this many elements per example are copied into one (B, N) block per device, whose
+#: squared norms and clipped sum are one kernel each (biases and norm layers: two kernels per parameter otherwise);
+#: larger ones (a tied embedding's) are handled alone, not to hold them twice
+BLOCK_NUMEL = 2**20
+
+
+@dataclass
+class _ClippingWork:
+    """One backward's clipped parameters, split by how their norms and clipped sums are computed: by the layer rule
+    from the saved (x, g) (large weights: ghost norms or instantiation), or from per-example gradients (parameters
+    of eager rules and units, small ones such as biases, and parameters used several times in one pass, whose
+    per-example gradients are summed over their uses first)."""
+
+    #: records whose rule computes the norms and sums of these of its parameters, with the cache its norms left
+    ruled: list[tuple[Record, list[str], Any]] = field(default_factory=list)
+    #: (B,) squared norms of the per-example gradients of ``ruled``'s parameters
+    ruled_sq: list[tuple[nn.Parameter, Tensor]] = field(default_factory=list)
+    #: per-example gradients (B, *p.shape) of all the other parameters
+    examples: list[tuple[nn.Parameter, Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def collect(cls, records: list[Record]) -> _ClippingWork:
+        work = cls()
+        uses: dict[nn.Parameter, int] = defaultdict(int)  # frozen since attaching: 0, so neither clipped nor summed
+        for rec in records:
+            for p in rec.site.params.values():
+                uses[p] += p.requires_grad
+        multi: dict[nn.Parameter, Tensor] = {}
+        for rec in records:
+            site = rec.site
+            single = [n for n, p in site.params.items() if uses[p] == 1]
+            repeated = [n for n, p in site.params.items() if uses[p] > 1]
+            if rec.per_sample:
+                grads = rec.per_sample
+            else:
+                small = [n for n in single if n in site.rule.per_example_params]
+                ruled = [n for n in single if n not in small]
+                if ruled:
+                    norms, cache = site.rule.norms(site.module, rec.saved, rec.g, ruled)
+                    work.ruled.append((rec, ruled, cache))
+                    work.ruled_sq += [(site.params[n], norms[n]) for n in ruled]
+                    single = small
+                wanted = single + repeated
+                grads = site.rule.per_sample(site.module, rec.saved, rec.g, wanted) if wanted else {}
+            work.examples += [(site.params[n], grads[n]) for n in single]
+            for n in repeated:
+                p = site.params[n]
+                multi[p] = grads[n] if p not in multi else multi[p] + grads[n]
+        work.examples += multi.items()
+        return work
+
+    @functools.cached_property
+    def blocks(self) -> list[tuple[list[nn.Parameter], Tensor]]:
+        """``examples`` as blocks whose norms and sums are computed together: (parameters, their per-example
+        gradients side by side, (B, N)); see ``BLOCK_NUMEL``."""
+        shared: dict[torch.device, list[tuple[nn.Parameter, Tensor]]] = defaultdict(list)
+        alone = []
+        for p, grad in self.examples:
+            if grad[0].numel() <= BLOCK_NUMEL:
+                shared[grad.device].append((p, grad))
+            else:
+                alone.append([(p, grad)])
+        blocks = []
+        for block in [*shared.values(), *alone]:
+            flat = [grad.reshape(grad.shape[0], -1) for _, grad in block]
+            blocks.append(([p for p, _ in block], flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)))
+        return blocks
+
+    def sq_norms(self, flat: bool) -> list[tuple[list[nn.Parameter], Tensor]]:
+        """(parameters, (B,) sum of their squared per-example norms): one entry per parameter, or (``flat``, when
+        only the total counts) one per block of per-example gradients."""
+        sq = [([p], v) for p, v in self.ruled_sq]
+        if flat:
+            return sq + [(params, sq_norm(grads)) for params, grads in self.blocks]
+        return sq + [([p], sq_norm(grad)) for p, grad in self.examples]
+
+    def clipped_sums(self, factors: dict[nn.Parameter, Tensor], flat: bool) -> list[tuple[nn.Parameter, Tensor]]:
+        """``(p, sum_i factor_i G_i)`` for every clipped parameter (``flat``: one factor for all)."""
+        sums = []
+        while self.ruled:  # each layer's saved input and output gradient are freed as soon as its sums are taken
+            rec, names, cache = self.ruled.pop(0)
+            site = rec.site
+            wanted = {n: factors[site.params[n]] for n in names}
+            sums += [(site.params[n], s) for n, s in site.rule.clipped_sum(
+                site.module, rec.saved, rec.g, wanted, cache).items()]
+            rec.saved, rec.g, cache = (), None, None
+        if not flat:
+            return sums + [(p, weighted_sum(factors[p], grad)) for p, grad in self.examples]
+        for params, grads in self.blocks:  # one GEMV for each block
+            total = weighted_sum(factors[params[0]], grads)
+            sums += zip(params, total.split([p.numel() for p in params]))
+        return sums
 
 
 def _release_frozen(records: list[Record]) -> None:
@@ -497,13 +562,21 @@ def _release_frozen(records: list[Record]) -> None:
                 p.summed_grad = None
 
 
-def _accumulate(p: nn.Parameter, s: Tensor) -> None:
-    """Add ``s`` to ``p.summed_grad`` (which the engine owns: the first sum of a logical batch, then added to in place)."""
-    s = s.to(p.dtype).reshape(p.shape)
-    if getattr(p, "summed_grad", None) is None:
-        p.summed_grad = s
-    else:
-        p.summed_grad.add_(s)
+def _accumulate(sums: list[tuple[nn.Parameter, Tensor]]) -> None:
+    """Add each sum to its ``p.summed_grad``, which the engine owns: a logical batch's first sum is kept as it is,
+    later ones are added in place, all in one foreach kernel."""
+    into, added = [], []
+    for p, s in sums:
+        s = cast(s, p.dtype)
+        if s.shape != p.shape:
+            s = s.reshape(p.shape)
+        if getattr(p, "summed_grad", None) is None:
+            p.summed_grad = s
+        else:
+            into.append(p.summed_grad)
+            added.append(s)
+    if into:
+        torch._foreach_add_(into, added)
 
 
 def _args(args: tuple, kwargs: dict, names: tuple[str, ...], defaults: tuple) -> list[Any]:

@@ -5,6 +5,7 @@ from .embedding import EmbeddingBagRule, EmbeddingRule
 from .linear import LinearRule
 from .registry import (
     LayerRule,
+    cast,
     find_rule,
     norm_dtype,
     register_rule,
@@ -19,6 +20,7 @@ __all__ = [
     "EmbeddingRule",
     "LayerRule",
     "LinearRule",
+    "cast",
     "find_rule",
     "norm_dtype",
     "register_rule",

@@ -82,6 +82,7 @@ def _grouped(layer: nn.modules.conv._ConvNd, x: Tensor, g: Tensor, padding: tupl
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(LayerRule):
     checked_methods = ("forward", "_conv_forward")
+    per_example_params = ("bias",)
 
     def prepare(self, layer: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
         pre_pad, _ = _geometry(layer)

@@ -1,7 +1,8 @@
 """nn.Embedding: a per-example gradient is a sum of output grads scattered into the rows of the tokens used.
 
 ``||G_i||^2`` sums, over the distinct tokens of example i, the squared norm of the summed output grads of that
-token's positions: O(B·T·d) time and memory, never a (B, V, d) tensor. Rows at ``padding_idx`` get no gradient.
+token's positions: O(B·T·(d + log T)) time and O(B·T·d) memory, never a (B, V, d) tensor, and no host sync. Rows
+at ``padding_idx`` get no gradient.
 """
 
 from __future__ import annotations
@@ -52,11 +53,16 @@ class EmbeddingRule(LayerRule):
         return None
 
     def norms(self, layer: nn.Embedding, saved: Saved, g: Tensor, names: Iterable[str]) -> tuple[Norms, Any]:
+        """Output grads summed per (example, token), squared, summed per example. Each (example, token) pair sums
+        into the row of its first place in the sorted pairs, found by a binary search: every size is known before
+        the values are (no ``torch.unique``, whose output size makes the host wait for the device)."""
         example, ids, rows = _grads(layer, saved[0], g)
         rows = rows.to(norm_dtype(rows.dtype))
-        keys, inverse = torch.unique(example * layer.num_embeddings + ids, return_inverse=True)
-        summed = rows.new_zeros(keys.numel(), rows.shape[1]).index_add_(0, inverse, rows)
-        sq = rows.new_zeros(saved[0].shape[0]).index_add_(0, keys // layer.num_embeddings, summed.pow(2).sum(dim=1))
+        keys = example * layer.num_embeddings + ids
+        ordered = torch.sort(keys).values
+        summed = torch.zeros_like(rows).index_add_(0, torch.searchsorted(ordered, keys), rows)
+        owner = ordered // layer.num_embeddings  # the example of each row of ``summed`` (rows no pair uses are 0)
+        sq = rows.new_zeros(saved[0].shape[0]).index_add_(0, owner, summed.pow(2).sum(dim=1))
         return {"weight": sq}, None
 
     def clipped_sum(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from itertools import pairwise
 from typing import Any
 
 import torch
@@ -15,6 +14,7 @@ from .registry import (
     Norms,
     Saved,
     Tensor,
+    cast,
     norm_dtype,
     register_rule,
     scale_examples,
@@ -31,15 +31,21 @@ def use_ghost(tokens: int, out_features: int, in_features: int) -> bool:
 #: below this many tokens the Grams are too small for the symmetric split to pay for its extra products (measured
 #: on 2 CPU cores: 8–37 % slower at T = 16–32; from even to 18 % faster at T = 64–197)
 SPLIT_MIN_TOKENS = 64
-#: token blocks of the split are multiples of this, the remainder tokens a thin strip of their own: GEMM kernels are
-#: slow on ragged edges (measured on 2 CPU cores, order randomised: 3 % less time than plain halves at T = 65, 5-6 %
-#: at T = 100 and 197)
+#: the lower block of the split is a multiple of this many tokens, the remainder rows join the upper one: GEMM kernels
+#: are slow on ragged edges (measured on 2 CPU cores for a split into three blocks: 3 % less time than plain halves at
+#: T = 65, 5-6 % at T = 100 and 197)
 BLOCK_TOKENS = 16
+#: the split saves a quarter of the Grams' FLOPs for four more GEMM launches: it is made when the FLOPs saved are worth
+#: more than the launches, each counted as the FLOPs the device's GEMMs do in the host time one launch takes. CPU:
+#: ~10 µs per op at ~100 GFLOP/s; CUDA (estimate for large GPUs: an H200 does ~2.5 GFLOP of bf16 GEMM in the ~5 µs
+#: the host takes to issue one kernel), for other device types too
+LAUNCH_FLOPS = {"cpu": 1e6, "cuda": 2.5e9}
+SPLIT_LAUNCHES = 4
 
 
 def _for_gram(x: Tensor) -> Tensor:
     """``x`` ready for :func:`cross`: upcast once on the CPU; on CUDA a half-precision GEMM writes float32 itself."""
-    return x if x.is_cuda else x.to(norm_dtype(x.dtype))
+    return x if x.is_cuda else cast(x, norm_dtype(x.dtype))
 
 
 def cross(x: Tensor, y: Tensor) -> Tensor:
@@ -56,40 +62,46 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
     return torch.bmm(x.reshape(batch, 1, -1), y.reshape(batch, -1, 1)).reshape(batch)
 
 
-def split_points(tokens: int) -> list[int]:
-    """Row-block boundaries for the symmetric Gram split: a strip of ``tokens % BLOCK_TOKENS`` rows (if any), then
-    the aligned rest in two parts whose sizes are multiples of ``BLOCK_TOKENS``."""
-    strip = tokens % BLOCK_TOKENS
-    half = ((tokens - strip) // BLOCK_TOKENS + 1) // 2 * BLOCK_TOKENS
-    return sorted({0, strip, strip + half, tokens})
+def split_point(tokens: int) -> int:
+    """Row at which the symmetric Gram split cuts: below it, half of the ``BLOCK_TOKENS``-aligned tokens (rounded
+    down to whole blocks); above it, the other half and the ``tokens % BLOCK_TOKENS`` remainder rows."""
+    aligned = tokens - tokens % BLOCK_TOKENS
+    return tokens - aligned // BLOCK_TOKENS // 2 * BLOCK_TOKENS
 
 
-def _upper_dot(a: Tensor, g: Tensor, start: int, stop: int) -> Tensor:
-    """``<A A^T, G G^T>`` over rows ``start:stop`` and columns ``start:`` of both (symmetric) Grams, the block
-    right of the diagonal counted twice (it stands for its mirror image below the diagonal)."""
-    gram_a = cross(a[:, start:stop], a[:, start:])
-    gram_a[:, :, stop - start:] *= 2
-    return _dot(gram_a, cross(g[:, start:stop], g[:, start:]))
+def split_pays(a: Tensor, g: Tensor) -> bool:
+    """Whether the symmetric split of the (B, T, T) Grams of a: (B, T, d) and g: (B, T, p) is worth its launches."""
+    batch, tokens = a.shape[:2]
+    saved = batch * tokens * tokens * (a.shape[2] + g.shape[2]) / 2  # a quarter of 2 B T^2 (d + p)
+    launch = LAUNCH_FLOPS.get(a.device.type, LAUNCH_FLOPS["cuda"])
+    return tokens >= SPLIT_MIN_TOKENS and saved >= SPLIT_LAUNCHES * launch
 
 
 def ghost_sq_norm(a: Tensor, g: Tensor) -> Tensor:
     """``||g_i^T a_i||_F^2 = <a_i a_i^T, g_i g_i^T>`` for a: (B, T, d), g: (B, T, p), without forming g_i^T a_i.
 
-    Both Grams are symmetric, so from ``SPLIT_MIN_TOKENS`` tokens on only the blocks on and right of the diagonal
-    are computed (rows cut at :func:`split_points`): about a quarter fewer FLOPs, in GEMMs of aligned sizes.
+    Both Grams are symmetric, so where it pays (:func:`split_pays`) only the blocks on and right of the diagonal
+    are computed, in two row blocks cut at :func:`split_point` (the top one as wide as the Gram, its part right of
+    the diagonal counted twice, for its mirror image): a quarter fewer FLOPs for four more GEMM launches.
     """
-    tokens = a.shape[1]
-    if tokens == 1:
-        dtype = norm_dtype(g.dtype)
-        return a.to(dtype).pow(2).sum(dim=(1, 2)) * g.to(dtype).pow(2).sum(dim=(1, 2))
+    batch, tokens = a.shape[:2]
     a, g = _for_gram(a), _for_gram(g)
-    points = split_points(tokens) if tokens >= SPLIT_MIN_TOKENS else [0, tokens]
-    return sum(_upper_dot(a, g, start, stop) for start, stop in pairwise(points))
+    if tokens == 1:  # Goodfellow et al.: the 1 x 1 Grams are ||a_i||^2 and ||g_i||^2
+        return (cross(a, a) * cross(g, g)).reshape(batch)
+    if not split_pays(a, g):
+        return _dot(cross(a, a), cross(g, g))
+    cut = split_point(tokens)
+    top = cross(a[:, :cut], a)
+    top[:, :, cut:].mul_(2)
+    upper = _dot(top, cross(g[:, :cut], g))
+    lower_a, lower_g = cross(a[:, cut:], a[:, cut:]), cross(g[:, cut:], g[:, cut:])
+    return torch.baddbmm(upper.reshape(batch, 1, 1), lower_a.reshape(batch, 1, -1), lower_g.reshape(batch, -1, 1)
+                         ).reshape(batch)
 
 
 def scaled_outer_sum(factor: Tensor, g: Tensor, a: Tensor) -> Tensor:
     """``sum_i factor_i g_i^T a_i`` for g: (B, T, p), a: (B, T, d), scaling whichever side is narrower."""
-    a = a.to(g.dtype)
+    a = cast(a, g.dtype)
     if a.shape[-1] <= g.shape[-1]:
         a = scale_examples(a, factor)
     else:
@@ -99,6 +111,8 @@ def scaled_outer_sum(factor: Tensor, g: Tensor, a: Tensor) -> Tensor:
 
 def _flat(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """(B, T, d) activations and (B, T, p) output grads."""
+    if x.dim() == 3:
+        return x, g
     batch = x.shape[0]
     return x.reshape(batch, -1, x.shape[-1]), g.reshape(batch, -1, g.shape[-1])
 
@@ -106,12 +120,13 @@ def _flat(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
 @register_rule(nn.Linear)
 class LinearRule(LayerRule):
     tokenwise = True
+    per_example_params = ("bias",)
 
     def forward(self, layer: nn.Linear, x: Tensor) -> tuple[Tensor, Saved]:
         return F.linear(x, layer.weight, layer.bias), (x,)
 
     def input_grad(self, layer: nn.Linear, saved: Saved, g: Tensor) -> Tensor:
-        return torch.matmul(g, layer.weight.to(g.dtype))
+        return torch.matmul(g, cast(layer.weight, g.dtype))
 
     def norms(self, layer: nn.Linear, saved: Saved, g: Tensor, names: Iterable[str]) -> tuple[Norms, Any]:
         a, gf = _flat(saved[0], g)
@@ -121,7 +136,7 @@ class LinearRule(LayerRule):
         if "weight" in names:
             tokens, p, d = a.shape[1], gf.shape[2], a.shape[2]
             if tokens == 1 or use_ghost(tokens, p, d):
-                out["weight"] = ghost_sq_norm(a.to(gf.dtype), gf)
+                out["weight"] = ghost_sq_norm(cast(a, gf.dtype), gf)
             else:
                 cache["weight"] = torch.bmm(gf.transpose(1, 2).to(dtype), a.to(dtype))
                 out["weight"] = sq_norm(cache["weight"])

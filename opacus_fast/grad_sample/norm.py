@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .registry import LayerRule, Saved, Tensor, register_rule
+from .registry import LayerRule, Saved, Tensor, cast, register_rule
 
 aten = torch.ops.aten
 
@@ -24,7 +24,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dtype)
+    return None if t is None else cast(t, dtype)
 
 
 def _output(out: Tensor, x: Tensor) -> Tensor:
@@ -48,7 +48,7 @@ class _AffineNormRule(LayerRule):
         raise NotImplementedError
 
     def per_sample(self, layer: nn.Module, saved: Saved, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
-        g = g.to(saved[0].dtype)
+        g = cast(g, saved[0].dtype)
         dims = self.reduce_dims(layer, saved[0])
         out = {}
         if "weight" in names:
@@ -66,7 +66,7 @@ class LayerNormRule(_AffineNormRule):
 
     def forward(self, layer: nn.LayerNorm, x: Tensor) -> tuple[Tensor, Saved]:
         dtype = _compute_dtype(x)
-        xc = x.to(dtype)
+        xc = cast(x, dtype)
         out, mean, rstd = aten.native_layer_norm(
             xc, list(layer.normalized_shape), _cast(layer.weight, dtype), _cast(layer.bias, dtype), layer.eps
         )
@@ -76,12 +76,13 @@ class LayerNormRule(_AffineNormRule):
         x, mean, rstd = saved
         weight, bias = _cast(layer.weight, x.dtype), _cast(layer.bias, x.dtype)
         return aten.native_layer_norm_backward(
-            g.to(x.dtype), x, list(layer.normalized_shape), mean, rstd, weight, bias, [True, False, False]
+            cast(g, x.dtype), x, list(layer.normalized_shape), mean, rstd, weight, bias, [True, False, False]
         )[0]
 
     def xhat(self, layer: nn.LayerNorm, saved: Saved) -> Tensor:
-        x, mean, rstd = saved
-        return (x - mean) * rstd
+        """Recomputed by the forward kernel without weight and bias: one kernel instead of two (the statistics are
+        the saved ones, computed again from the same input)."""
+        return aten.native_layer_norm(saved[0], list(layer.normalized_shape), None, None, layer.eps)[0]
 
     def reduce_dims(self, layer: nn.LayerNorm, x: Tensor) -> tuple[int, ...]:
         return tuple(range(1, x.dim() - len(layer.normalized_shape)))
@@ -132,13 +133,19 @@ class _GroupStatsRule(_AffineNormRule):
             self.groups(layer), [True, False, False],
         )[0]
 
-    def xhat(self, layer: nn.Module, saved: Saved) -> Tensor:
+    def per_sample(self, layer: nn.Module, saved: Saved, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
+        """One fused backward kernel for both: GroupNorm's own backward, run on the batch seen as one example with
+        ``B * C`` channels in ``B * groups`` groups, sums each example's channels apart (its weight and bias
+        gradients are the per-example ones)."""
         x, mean, rstd = saved
-        grouped = x.reshape(x.shape[0], self.groups(layer), -1)
-        return ((grouped - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)).reshape(x.shape)
-
-    def reduce_dims(self, layer: nn.Module, x: Tensor) -> tuple[int, ...]:
-        return tuple(range(2, x.dim()))
+        batch, channels = x.shape[:2]
+        _, weight, bias = aten.native_group_norm_backward(
+            cast(g, x.dtype).reshape(1, batch * channels, -1), x.reshape(1, batch * channels, -1),
+            mean.reshape(1, -1), rstd.reshape(1, -1), None, 1, batch * channels, math.prod(x.shape[2:]),
+            batch * self.groups(layer), [False, "weight" in names, "bias" in names],
+        )
+        grads = {"weight": weight, "bias": bias}
+        return {n: grads[n].reshape(batch, channels) for n in names}
 
 
 @register_rule(nn.GroupNorm)

@@ -9,11 +9,14 @@ the loss with respect to the layer's output, the rule answers:
 * ``norms``: per-example squared gradient norms of the requested parameters (ghost or instantiated);
 * ``clipped_sum``: ``sum_i factor_i * G_i`` for each requested parameter, as fresh tensors (the engine keeps them and
   adds later physical batches to them in place);
-* ``per_sample``: the per-example gradients themselves (used when a parameter has several uses in one pass).
+* ``per_sample``: the per-example gradients themselves (used when a parameter has several uses in one pass, and for
+  the rule's ``per_example_params``, small ones such as a bias, which the engine clips together with all other small
+  per-example gradients: one norm and one sum kernel for all of them).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -40,6 +43,9 @@ class LayerRule:
     #: rule accepts any number of leading dims after the batch: folded or moved examples are brought to the front
     #: and the other axes become positions. Otherwise (Conv, GroupNorm) the rule needs the batch in dim 0.
     tokenwise: bool = False
+    #: parameters whose per-example gradients are no larger than one example's output gradient (a bias): the engine
+    #: takes them from ``per_sample`` and clips them together with the other small per-example gradients
+    per_example_params: tuple[str, ...] = ()
 
     def validate(self, layer: nn.Module) -> str | None:
         """Return why ``layer`` cannot be handled exactly (None if it can)."""
@@ -109,14 +115,21 @@ def find_rule(layer: nn.Module) -> LayerRule | None:
     return None
 
 
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, without a call into torch when it already is (rules run this per layer at every step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def sq_norm(grads: Tensor) -> Tensor:
     """Squared L2 norm of each row of a (B, ...) tensor, accumulated in at least float32."""
     flat = grads.reshape(grads.shape[0], -1)
     return flat.to(norm_dtype(flat.dtype)).pow(2).sum(dim=1)
 
 
+@functools.cache
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype for norm arithmetic: float32 for half types (Gram products overflow fp16), else unchanged."""
+    """Dtype for norm arithmetic: float32 for half types (Gram products overflow fp16), else unchanged (cached: it
+    is asked for every layer at every step, and ``torch.promote_types`` goes through the dispatcher)."""
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -139,7 +152,7 @@ def scratch_space() -> Iterator[None]:
 def scale_examples(x: Tensor, factor: Tensor) -> Tensor:
     """``x_i * factor_i`` for each example i of ``x`` (B, ...), for immediate use (the result may be overwritten by
     the next call inside a ``scratch_space``)."""
-    factor = factor.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
+    factor = cast(factor, x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
     space = _SCRATCH.get()
     if space is None or x.device.type != "cpu":  # CUDA's caching allocator already reuses memory
         return x * factor
@@ -152,5 +165,5 @@ def scale_examples(x: Tensor, factor: Tensor) -> Tensor:
 
 def weighted_sum(factor: Tensor, grads: Tensor) -> Tensor:
     """``sum_i factor_i * grads_i`` over the leading (batch) dim."""
-    return torch.einsum("b,b...->...", factor.to(grads.dtype), grads)
+    return torch.einsum("b,b...->...", cast(factor, grads.dtype), grads)
 

@@ -1,0 +1,67 @@
+"""The optimizer's noise: one flat draw for all parameters, exactly N(0, std²) per coordinate, independent."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from opacus_fast.optimizer import add_gaussian_noise
+
+SHAPES = [(300, 70), (70,), (3, 5, 7, 11), (1,), (4096,)]
+
+
+def _draw(std: float, secure_mode: bool, seed: int = 3) -> list[torch.Tensor]:
+    """Noise alone (added to zeros) for parameters of several shapes, two dtypes (two groups, two draws)."""
+    tensors = [torch.zeros(s, dtype=torch.float64 if i % 2 else torch.float32) for i, s in enumerate(SHAPES)]
+    add_gaussian_noise(tensors, std, torch.Generator().manual_seed(seed), secure_mode)
+    return tensors
+
+
+@pytest.mark.parametrize("secure_mode", [False, True])
+def test_flat_noise_is_normal_with_the_given_std(secure_mode: bool) -> None:
+    std = 2.5
+    tensors = _draw(std, secure_mode)
+    values = torch.cat([t.reshape(-1).double() for t in tensors])
+    n = values.numel()
+    # under N(0, std²): mean ~ N(0, std²/n), sample variance / std² ~ 1 ± sqrt(2/n); 5 standard errors each
+    assert abs(values.mean().item()) < 5 * std / math.sqrt(n)
+    assert abs(values.var().item() / std**2 - 1) < 5 * math.sqrt(2 / n)
+    # the whole distribution, not only two moments (fixed seed: deterministic; a false alarm has p = 1e-4)
+    assert stats.kstest(values.numpy() / std, "norm").pvalue > 1e-4
+    for t in tensors:  # every parameter gets noise of its own dtype, none is left out or scaled differently
+        assert t.dtype in (torch.float32, torch.float64)
+        if t.numel() >= 1000:
+            assert abs(t.double().std().item() / std - 1) < 5 / math.sqrt(2 * t.numel())
+
+
+def test_flat_noise_is_independent_across_parameters_and_steps() -> None:
+    gen = torch.Generator().manual_seed(11)
+    a, b = torch.zeros(20_000), torch.zeros(20_000)
+    add_gaussian_noise([a, b], 1.0, gen, False)
+    again = torch.zeros(20_000)
+    add_gaussian_noise([again], 1.0, gen, False)
+    bound = 5 / math.sqrt(20_000)  # correlation of independent samples ~ N(0, 1/n)
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < bound
+    assert abs(torch.corrcoef(torch.stack([a, again]))[0, 1].item()) < bound
+
+
+def test_noise_is_added_in_place_once() -> None:
+    sums = [torch.arange(12.0).reshape(3, 4), torch.ones(5, dtype=torch.float64)]
+    expected = [s.clone() for s in sums]
+    add_gaussian_noise(sums, 0.7, torch.Generator().manual_seed(2), False)
+    noise = [s - e for s, e in zip(sums, expected)]
+    replay = torch.Generator().manual_seed(2)  # one draw per dtype group, in the tensors' order
+    torch.testing.assert_close(noise[0].reshape(-1), torch.normal(0, 0.7, (12,), generator=replay), rtol=0, atol=1e-6)
+    torch.testing.assert_close(noise[1], torch.normal(0, 0.7, (5,), generator=replay, dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+
+
+def test_zero_std_adds_nothing_and_draws_nothing() -> None:
+    gen = torch.Generator().manual_seed(4)
+    state = gen.get_state()
+    sums = [torch.arange(6.0)]
+    add_gaussian_noise(sums, 0.0, gen, False)
+    assert torch.equal(sums[0], torch.arange(6.0)) and torch.equal(gen.get_state(), state)
