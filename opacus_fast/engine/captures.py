@@ -29,9 +29,10 @@ if TYPE_CHECKING:
 Tensor = torch.Tensor
 
 
-def _amp_state(x: Tensor) -> tuple[str, bool, torch.dtype]:
+def _amp_state(x: Tensor) -> tuple[str, torch.dtype] | None:
+    """The autocast state of the forward (None when autocast is off), for the input gradient in backward."""
     dev = x.device.type
-    return dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
+    return (dev, torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None
 
 
 def _in_reentrant_checkpoint() -> bool:
@@ -81,9 +82,11 @@ class LayerCapture(torch.autograd.Function):
 
 
 def _input_grad(ctx, site: Site, saved: tuple[Tensor, ...], g: Tensor) -> Tensor:
-    dev, enabled, dtype = ctx.amp
-    with torch.autocast(dev, dtype=dtype, enabled=enabled):
+    if ctx.amp is None:
         grad_x = site.rule.input_grad(site.module, saved, g)
+    else:
+        with torch.autocast(ctx.amp[0], dtype=ctx.amp[1]):
+            grad_x = site.rule.input_grad(site.module, saved, g)
     return grad_x.to(ctx.x_dtype)
 
 
