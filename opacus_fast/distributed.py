@@ -118,6 +118,8 @@ _SETTING_HINTS = {
     "noise_multiplier": "pass the same noise_multiplier on every rank (rank 0 draws the noise for all)",
     "max_grad_norm": "pass the same max_grad_norm on every rank (the noise is scaled to rank 0's)",
     "loss_reduction": "pass the same loss_reduction on every rank",
+    "physical batches": "with FSDP every rank must run the same number of physical batches (each gathers weights): "
+    "pass the same max_physical_batch_size and pad_physical_batches on every rank",
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from opacus.optimizers import DPOptimizer
@@ -221,14 +222,23 @@ class FastDPOptimizer(DPOptimizer):
         logical batch from its start on resume, so keeping them would count its first examples twice.
         """
         state = self.original_optimizer.state_dict()
-        noise = self.generator.get_state() if self.generator is not None and not self.secure_mode else None
-        state["opacus_fast"] = {"noise_generator": noise, "seed_pending": self._seed_pending}
+        state["opacus_fast"] = self.noise_state()
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         state = dict(state_dict)
         extra = state.pop("opacus_fast", {})
         self.original_optimizer.load_state_dict(state)
+        self.load_noise_state(extra)
+
+    def noise_state(self) -> dict:
+        """The noise generator's state (None in secure mode, whose draws cannot be replayed) and whether it still
+        waits for its seed."""
+        noise = self.generator.get_state() if self.generator is not None and not self.secure_mode else None
+        return {"noise_generator": noise, "seed_pending": self._seed_pending}
+
+    def load_noise_state(self, extra: dict) -> None:
+        """Restore :meth:`noise_state`; pending sums and step bookkeeping start afresh, as after a step."""
         if extra.get("noise_generator") is not None and self.generator is not None:
             self.generator.set_state(extra["noise_generator"].cpu())
             self._seed_pending = extra.get("seed_pending", False)
@@ -359,6 +369,20 @@ def add_gaussian_noise(
         else:
             noise = torch.normal(0.0, std, size=(total,), generator=generator, device=device, dtype=dtype)
         torch._foreach_add_(group, _unflatten_dense_tensors(noise, group))
+
+
+def check_savable(data_loader: Any) -> None:
+    """Refuse a checkpoint between fetching the last physical batch of a logical batch and the ``optimizer.step()``
+    that releases it: the sampler state would already be past that logical batch and the noise generator not, so a
+    resumed run would skip it and noise the next one with its noise."""
+    context = getattr(data_loader, "context", None)
+    current = context.current if context is not None else None
+    if current is not None and current.is_last and context.released is not current:
+        raise RuntimeError(
+            "save_checkpoint was called between fetching the last physical batch of a logical batch and "
+            "the optimizer.step() that ends it: the resumed run would skip that batch and reuse its noise. "
+            "Save after optimizer.step() (e.g. at the end of the loop body) or outside the loop"
+        )
 
 
 def _check_clipped(context: BatchContext) -> None:

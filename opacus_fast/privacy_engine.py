@@ -20,7 +20,8 @@ from .cpu_memory import keep_freed_memory
 from .data.context import BatchContext
 from .distributed import DistributedFastDPOptimizer, check_same_settings, dataset_fingerprint, unwrap_distributed
 from .engine import BKEngine, plan_sites
-from .optimizer import AdaptiveClipDPOptimizer, FastDPOptimizer
+from .fsdp import ShardedFastDPOptimizer, ShardedSetup, is_sharded, refuse_fsdp1
+from .optimizer import AdaptiveClipDPOptimizer, FastDPOptimizer, check_savable
 
 #: the keywords of ``clipping="adaptive"`` (those of Opacus' ``AdaClipDPOptimizer``)
 ADAPTIVE_OPTIONS = frozenset(
@@ -223,7 +224,8 @@ class PrivacyEngine(opacus.PrivacyEngine):
                 "optimizer=optimizer, data_loader=data_loader) with what it returned"
             )
         check_upper_bound(self.accountant.mechanism())
-        setup = unwrap_distributed(module, poisson_sampling=poisson_sampling)
+        refuse_fsdp1(module)
+        setup = _distributed_setup(module, poisson_sampling)
         if setup is not None:
             module = setup.module
         params = _check_options(
@@ -256,11 +258,13 @@ class PrivacyEngine(opacus.PrivacyEngine):
             loader = data_loader
             rate = 1 / len(data_loader)
         expected = _divisor(len(data_loader.dataset), rate, sample_rate)
+        sharded = isinstance(setup, ShardedSetup)
         if setup is not None:
             check_same_settings({
                 "dataset size": len(data_loader.dataset), "dataset contents": dataset_fingerprint(data_loader.dataset),
                 "sample_rate": rate, "expected batch size": expected,
                 "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm, "loss_reduction": loss_reduction,
+                **({"physical batches": (max_physical_batch_size, pad_physical_batches)} if sharded else {}),
             })
         if self.dataset is None:
             self.dataset = data_loader.dataset
@@ -277,9 +281,10 @@ class PrivacyEngine(opacus.PrivacyEngine):
         if clipping == "adaptive":
             dp_optimizer = AdaptiveClipDPOptimizer(optimizer, **options, **kwargs)
         else:
-            dp_optimizer = (FastDPOptimizer if setup is None else DistributedFastDPOptimizer)(optimizer, **options)
+            kind = FastDPOptimizer if setup is None else ShardedFastDPOptimizer if sharded else DistributedFastDPOptimizer
+            dp_optimizer = kind(optimizer, **options)
         engine = BKEngine(module, bound=bound, loss_reduction=loss_reduction, context=context,
-                          batch_first=batch_first)
+                          batch_first=batch_first, stand_ins=setup.stand_ins if sharded else None)
         try:
             if clipping == "adaptive":
                 engine.norms_listener = dp_optimizer.observe_norms
@@ -337,15 +342,9 @@ class PrivacyEngine(opacus.PrivacyEngine):
         resumed run would skip it and noise the next one with its noise.
         """
         checkpoint = dict(kwargs.pop("checkpoint_dict", None) or {})
+        _refuse_sharded(module, "save_checkpoint")
         if data_loader is not None:
-            context = getattr(data_loader, "context", None)
-            current = context.current if context is not None else None
-            if current is not None and current.is_last and context.released is not current:
-                raise RuntimeError(
-                    "save_checkpoint was called between fetching the last physical batch of a logical batch and "
-                    "the optimizer.step() that ends it: the resumed run would skip that batch and reuse its noise. "
-                    "Save after optimizer.step() (e.g. at the end of the loop body) or outside the loop"
-                )
+            check_savable(data_loader)
             checkpoint["data_loader_state_dict"] = data_loader.state_dict()
         given = {"optimizer": optimizer, "data_loader": data_loader}
         if any(given[name] is None for name in self._resume_parts()):
@@ -363,6 +362,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
         restored if the checkpoint holds their state, before anything is loaded: a fresh sampler would redraw
         batches already used, a fresh noise generator replay noise already used on other batches.
         """
+        _refuse_sharded(module, "load_checkpoint")
         _check_restored(_peek(path, kwargs.get("torch_load_kwargs")), optimizer, data_loader,
                         needed=self._resume_parts())
         checkpoint = super().load_checkpoint(path=path, module=module, optimizer=optimizer, **kwargs)
@@ -378,6 +378,28 @@ class PrivacyEngine(opacus.PrivacyEngine):
             return ()
         return ("optimizer", "data_loader") if self._poisson else ("optimizer",)
 
+
+
+def _distributed_setup(module: nn.Module, poisson_sampling: bool) -> ShardedSetup | Any:
+    """The setup of a model sharded with FSDP2 or wrapped for DDP (None for a plain model)."""
+    if not is_sharded(module):
+        return unwrap_distributed(module, poisson_sampling=poisson_sampling)
+    if not poisson_sampling:
+        raise ValueError(
+            "FSDP2 training needs poisson_sampling=True: the global batch must be one Poisson sample split over "
+            "the ranks, with the global expected batch size as divisor"
+        )
+    return ShardedSetup.of(module)
+
+
+def _refuse_sharded(module: nn.Module, what: str) -> None:
+    """Refuse a single-file checkpoint of an FSDP2 model: it would hold one rank's shards only."""
+    model = getattr(module, "_module", module)
+    if is_sharded(model):
+        raise ValueError(
+            f"{what} writes one file from one rank, but this model is sharded with FSDP2: use "
+            "opacus_fast.fsdp.save_checkpoint / load_checkpoint (sharded, on every rank)"
+        )
 
 
 def _peek(path: Any, torch_load_kwargs: dict | None) -> dict:

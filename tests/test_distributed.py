@@ -8,12 +8,9 @@ the process group with a 3 s timeout. Each scenario checks on every rank that al
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import socket
 import time
-import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -21,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from models import mlp
 from oracle import l1_loss, loop_clipped_sum
+from rank_scenarios import expect_ok, launch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
@@ -317,69 +314,9 @@ def _scenarios(world: int, ports: tuple[int, int], out_dir: str) -> dict[str, Ca
     }
 
 
-def _worker(rank: int, world: int, ports: tuple[int, int], out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["TEST_WORLD_SIZE"] = str(world)
-    out = Path(out_dir) / f"rank{rank}.json"
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[0]}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=60))
-    except Exception:
-        out.write_text(json.dumps({"init": traceback.format_exc()}))
-        raise
-    results: dict[str, str] = {}
-    for name, run in _scenarios(world, ports, out_dir).items():
-        start = time.monotonic()
-        try:
-            run(rank)
-            results[name] = "ok"
-        except (Exception, pytest.fail.Exception):  # noqa: BLE001 - any failure (DID NOT RAISE too) is reported
-            results[name] = traceback.format_exc()
-        results[name + ":seconds"] = f"{time.monotonic() - start:.1f}"
-        out.write_text(json.dumps(results))
-    dist.destroy_process_group()
-
-
-# ---- the tests (main process) -------------------------------------------------------------------------------------
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports (all sockets are held open until every port is chosen)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _launch(worlds: tuple[int, ...], out_dir: Path) -> dict[int, dict[int, dict[str, str]]]:
-    """Run all scenarios on each world size at once (so one's waits overlap the other's work); kill stragglers."""
-    ports = iter(_free_ports(2 * len(worlds)))
-    contexts = {
-        world: mp.start_processes(_worker, args=(world, (next(ports), next(ports)), str(out_dir / str(world))),
-                                  nprocs=world, join=False, start_method="spawn")
-        for world in worlds
-    }
-    processes = [p for context in contexts.values() for p in context.processes]
-    deadline = time.monotonic() + LAUNCH_DEADLINE_S
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-            process.join()
-    files = {world: [out_dir / str(world) / f"rank{rank}.json" for rank in range(world)] for world in worlds}
-    return {world: {rank: json.loads(f.read_text()) if f.exists() else {} for rank, f in enumerate(paths)}
-            for world, paths in files.items()}
-
-
 @pytest.fixture(scope="module")
 def all_results(tmp_path_factory) -> dict[int, dict[int, dict[str, str]]]:
-    out_dir = tmp_path_factory.mktemp("ranks")
-    for world in WORLDS:
-        (out_dir / str(world)).mkdir()
-    return _launch(WORLDS, out_dir)
+    return launch(_scenarios, WORLDS, tmp_path_factory.mktemp("ranks"), LAUNCH_DEADLINE_S)
 
 
 @pytest.fixture(params=WORLDS, ids=lambda w: f"{w}ranks")
@@ -387,51 +324,44 @@ def ranks(request, all_results) -> tuple[int, dict[int, dict[str, str]]]:
     return request.param, all_results[request.param]
 
 
-def _expect_ok(ranks: tuple[int, dict[int, dict[str, str]]], scenario: str, skip_last: bool = False) -> None:
-    world, results = ranks
-    for rank in range(world - 1 if skip_last else world):
-        outcome = results[rank].get(scenario, results[rank].get("init", "did not finish (crashed or killed)"))
-        assert outcome == "ok", f"rank {rank} of {world}, scenario {scenario!r}:\n{outcome}"
-
-
 def test_noiseless_update_equals_single_process_update(ranks) -> None:
     """Physical batches (padded on 2 ranks, unpadded and DDP-wrapped on 3), float64, exact reference."""
-    _expect_ok(ranks, "exact")
+    expect_ok(ranks, "exact")
 
 
 def test_empty_local_batches(ranks) -> None:
-    _expect_ok(ranks, "empty")
+    expect_ok(ranks, "empty")
 
 
 def test_different_numbers_of_physical_batches(ranks) -> None:
-    _expect_ok(ranks, "uneven")
+    expect_ok(ranks, "uneven")
 
 
 def test_noise_is_added_once_globally(ranks) -> None:
-    _expect_ok(ranks, "noise")
+    expect_ok(ranks, "noise")
 
 
 def test_checkpoint_saved_on_rank0_resumes_every_rank(ranks) -> None:
-    _expect_ok(ranks, "checkpoint")
+    expect_ok(ranks, "checkpoint")
 
 
 def test_bad_setups_fail_clearly(ranks) -> None:
-    _expect_ok(ranks, "errors")
+    expect_ok(ranks, "errors")
 
 
 def test_ranks_with_different_dataset_sizes_all_raise(ranks) -> None:
     """Per-rank shards (48, 49, 50 examples): each rank's sampler would draw its own q from its own data."""
-    _expect_ok(ranks, "dataset_sizes")
+    expect_ok(ranks, "dataset_sizes")
 
 
 def test_ranks_with_different_clip_bounds_all_raise(ranks) -> None:
     """Rank 0 clips at 0.8, the others at 5.0, while the noise is scaled to rank 0's bound."""
-    _expect_ok(ranks, "clip_bounds")
+    expect_ok(ranks, "clip_bounds")
 
 
 def test_failing_rank_gives_clear_error_in_bounded_time(ranks) -> None:
     """2 ranks: the failed rank hangs (the 3 s timeout frees the other); 3 ranks: it exits (connection reset)."""
-    _expect_ok(ranks, "failure", skip_last=True)
+    expect_ok(ranks, "failure", skip_last=True)
 
 
 def test_buckets_group_by_dtype_and_respect_the_cap() -> None:

@@ -18,7 +18,7 @@ import functools
 import sys
 import types
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,12 @@ class BKEngine:
         context: where the data loader publishes the current physical batch's mask.
         batch_first: whether the batch is dim 0 of the model's inputs (else dim 1, as with Opacus'
             ``batch_first=False``).
+        stand_ins: tensors that take a parameter's place during the model's calls (FSDP's unsharded parameters),
+            each mapped to the parameter it stands for: their uses are captured, clipped and named as that
+            parameter's.
+
+    ``accumulate`` (an attribute) receives each clipped backward's ``(parameter, clipped sum)`` pairs, once per
+    clipped backward, an empty one included; by default it adds them to ``p.summed_grad``.
     """
 
     def __init__(
@@ -79,6 +85,7 @@ class BKEngine:
         loss_reduction: str = "mean",
         context: BatchContext | None = None,
         batch_first: bool = True,
+        stand_ins: Mapping[Tensor, nn.Parameter] | None = None,
     ) -> None:
         plan = plan_sites(model)
         self.sites = plan.layers
@@ -93,6 +100,15 @@ class BKEngine:
         self._names = {}
         for name, p in model.named_parameters():
             self._names.setdefault(id(p), name)
+        #: the stand-ins of trainable parameters (kept alive, so their ``id`` stays theirs)
+        self._stand_ins = [(s, p) for s, p in (stand_ins or {}).items() if id(p) in self.trainable]
+        #: ``id`` of every tensor that is a trainable parameter or stands for one → that parameter
+        self._params: dict[int, nn.Parameter] = {pid: next(iter(site.params.values()))
+                                                 for pid, site in plan.params.items()}
+        self._params.update((id(s), p) for s, p in self._stand_ins)
+        #: ``id`` of every tensor that :meth:`parameter` resolves
+        self.known = frozenset(self._params)
+        self.accumulate: Callable[[list[tuple[nn.Parameter, Tensor]]], None] = _accumulate
         self._functional: dict[tuple, Site] = {}
         self.tracker = BatchTracker(self)
         #: whether forward hooks that resume tracking in checkpointing recomputations are installed
@@ -140,6 +156,8 @@ class BKEngine:
             p = self.param_sites[pid].params
             param = next(iter(p.values()))
             self._handles.append(param.register_hook(self._leak_guard(self._names[pid])))
+        for stand_in, param in self._stand_ins:
+            self._handles.append(stand_in.register_hook(self._leak_guard(self._names[id(param)])))
 
     def add_handle(self, handle: Any) -> None:
         """Keep a hook handle (anything with ``.remove()``) to be removed by :meth:`detach`."""
@@ -154,7 +172,12 @@ class BKEngine:
         self._handles.clear()
         self.sites = []
 
+    def parameter(self, t: Any) -> nn.Parameter | None:
+        """The trainable parameter that ``t`` is or stands for (None if it is neither)."""
+        return self._params.get(id(t)) if isinstance(t, nn.Parameter) else None
+
     def param_name(self, p: nn.Parameter) -> str:
+        p = self._params.get(id(p), p)
         return f"parameter '{self._names.get(id(p), '?')}'"
 
     def describe_roots(self, roots: Any) -> str:
@@ -245,8 +268,9 @@ class BKEngine:
             return None
         if isinstance(call.tag(x), Shared) or not isinstance(weight, nn.Parameter):
             return None
-        params = {n: t for n, t in attrs.items() if isinstance(t, Tensor) and t.requires_grad}
-        if any(not isinstance(t, nn.Parameter) or id(t) not in self.trainable for t in params.values()):
+        used = {n: t for n, t in attrs.items() if isinstance(t, Tensor) and t.requires_grad}
+        params = {n: self.parameter(t) for n, t in used.items()}
+        if any(p is None for p in params.values()):
             return None
         site = self._functional.get(key)
         if site is None:
@@ -266,14 +290,15 @@ class BKEngine:
                  "per_sample_weights", "include_last_offset", "padding_idx")
         x, weight, offsets, max_norm, _, by_freq, mode, sparse, psw, last, padding_idx = _args(
             args, kwargs, names, (None, None, None, None, 2.0, False, "mean", False, None, False, None))
-        if not isinstance(weight, nn.Parameter) or id(weight) not in self.trainable:
+        param = self.parameter(weight)
+        if param is None:
             return None
         if padding_idx is not None and padding_idx < 0:
             padding_idx += weight.shape[0]
         layer = FunctionalLayer("embedding_bag", weight=weight, offsets=offsets, max_norm=max_norm,
                                 scale_grad_by_freq=by_freq, mode=mode, sparse=sparse, per_sample_weights=psw,
                                 include_last_offset=last, padding_idx=padding_idx, num_embeddings=weight.shape[0])
-        site = Site(layer, f"F.embedding_bag on {self.param_name(weight)}", {"weight": weight}, EmbeddingBagRule())
+        site = Site(layer, f"F.embedding_bag on {self.param_name(weight)}", {"weight": param}, EmbeddingBagRule())
         reason = site.rule.validate(layer)
         if reason:
             raise refusals.UnsupportedModuleError(f"{site.describe()}: {reason}")
@@ -428,6 +453,7 @@ class BKEngine:
         if self.context is not None:
             self.context.clipped_since_release += 1
         if batch == 0:  # an empty (unpadded) logical batch: nothing to clip; the step is noise only
+            self.accumulate([])
             return
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
         flat = self.bound.flat is not None
@@ -435,7 +461,7 @@ class BKEngine:
         factors = self._clip_factors(work.sq_norms(flat), scale, mask)
         with scratch_space():
             sums = work.clipped_sums(factors, flat)
-        _accumulate(sums)
+        self.accumulate(sums)
 
     def _clip_factors(self, sq: list[tuple[list[nn.Parameter], Tensor]], scale: float, mask: Tensor | None) -> dict:
         """Per-parameter (B,) factors ``scale * min(1, C / (||G_i|| + 1e-6)) * mask_i`` (G_i the true gradient), from

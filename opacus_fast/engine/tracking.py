@@ -261,7 +261,7 @@ class ModelCall:
         alias = self._aliases.get(id(p))
         if alias is None:
             root = Root(self, self.engine.param_name(p))
-            root.param = p
+            root.param = self.engine.parameter(p)
             alias = ParamAlias.apply(root, p, self.engine.anchor)
             root.tensor = alias
             self.set(alias, Shared((root,)))
@@ -391,7 +391,7 @@ class BatchTracker(TorchFunctionMode):
     def _scan(self, call: ModelCall, args: tuple, kwargs: dict) -> list[tuple[Tensor, Tag | None]]:
         """The operands that matter: tagged tensors of this call, and trainable parameters (tag None)."""
         found = []
-        params = self.engine.trainable
+        params = self.engine.known
         for a in (*args, *kwargs.values()):
             if isinstance(a, Tensor):
                 items: Sequence[Any] = (a,)
