@@ -20,7 +20,7 @@ from opacus_fast import PrivacyEngine
 from opacus_fast.fsdp import load_checkpoint, save_checkpoint
 
 VOCAB, LENGTH, DIM = 11, 5, 6
-BOUND = 23.0  # per-example norms of TinyLM on this data are ≈ 15–34: some examples are clipped, some not
+BOUND = 23.0  # the checkpoint scenario's clip bound: per-example norms of TinyLM on this data are ≈ 15–34
 WORLDS = (2, 3)
 
 
@@ -65,12 +65,32 @@ def _dataset(n: int = 40) -> TensorDataset:
     return TensorDataset(torch.randint(0, VOCAB, (n, LENGTH), generator=g))
 
 
-def _shard(model: nn.Module, reshard: bool, mixed: bool = False) -> nn.Module:
+def _shard(model: nn.Module, blocks: list[nn.Module], reshard: bool, mixed: bool = False) -> nn.Module:
+    """``fully_shard`` each block, then the root."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else None
     options = {"reshard_after_forward": reshard, **({"mp_policy": policy} if policy else {})}
-    for block in model.blocks:
+    for block in blocks:
         fully_shard(block, **options)
     return fully_shard(model, **options)
+
+
+def _tiny_lm() -> tuple[nn.Module, Callable, Callable]:
+    """TinyLM, its blocks, and the loss of a batch of token ids."""
+    model = TinyLM().double()
+    return model, lambda m: list(m.blocks), lambda m, ids: lm_loss(m(ids), ids)
+
+
+def _gpt2() -> tuple[nn.Module, Callable, Callable]:
+    """A tiny Hugging Face GPT-2 (tied embeddings, position ids (1, T) built inside, Conv1D layers), called the usual
+    way, its blocks, and the loss of a batch of token ids."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=8, n_embd=DIM, n_layer=2, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config).double()
+    return model, lambda m: list(m.transformer.h), lambda m, ids: lm_loss(m(input_ids=ids).logits, ids)
+
+
+MODELS = {"tiny": _tiny_lm, "gpt2": _gpt2}
 
 
 def _private(model: nn.Module, engine: PrivacyEngine | None = None, **options):
@@ -80,17 +100,20 @@ def _private(model: nn.Module, engine: PrivacyEngine | None = None, **options):
     return engine, engine.make_private_fast(module=model, optimizer=optimizer, data_loader=loader, **options)
 
 
-def _reference_sum(model: nn.Module, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """sum_i min(1, C/(||G_i||+1e-6)) G_i over ``rows``, one example at a time, in this process alone."""
+def _reference_sum(model: nn.Module, loss: Callable, rows: torch.Tensor,
+                   bound: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """sum_i min(1, C/(||G_i||+1e-6)) G_i over ``rows``, one example at a time, in this process alone, and the
+    per-example norms."""
     params = dict(model.named_parameters())
     total = {n: torch.zeros_like(p) for n, p in params.items()}
+    norms = []
     for i in range(rows.shape[0]):
-        grads = torch.autograd.grad(lm_loss(model(rows[i:i + 1]), rows[i:i + 1]), list(params.values()))
-        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
-        factor = (BOUND / (norm + 1e-6)).clamp(max=1.0)
+        grads = torch.autograd.grad(loss(model, rows[i:i + 1]), list(params.values()))
+        norms.append(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+        factor = (bound / (norms[-1] + 1e-6)).clamp(max=1.0)
         for n, g in zip(params, grads):
             total[n] += factor * g
-    return total
+    return total, torch.stack(norms) if norms else torch.zeros(0)
 
 
 def _gather_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
@@ -104,14 +127,15 @@ def _full(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: t.full_tensor().detach().clone() for n, t in model.state_dict().items()}
 
 
-def _run(model: nn.Module, optimizer, loader, steps: int, on_step: Callable | None = None) -> None:
+def _run(model: nn.Module, optimizer, loader, steps: int, on_step: Callable | None = None,
+         loss: Callable = lambda m, ids: lm_loss(m(ids), ids)) -> None:
     """``steps`` logical steps of the usual loop; ``on_step(global real rows, rows per rank)`` after each."""
     rows, done = [], 0
     for (ids,) in loader:
         info = loader.context.current
         rows.append(ids if info.mask is None else ids[info.mask])
         optimizer.zero_grad()
-        lm_loss(model(ids), ids).backward()
+        loss(model, ids).backward()
         optimizer.step()
         if not info.is_last:
             continue
@@ -125,38 +149,37 @@ def _run(model: nn.Module, optimizer, loader, steps: int, on_step: Callable | No
 
 # ---- scenarios (run on every rank) ---------------------------------------------------------------------------------
 def scenario_exact(rank: int, *, reshard: bool, physical: int | None, mixed: bool = False, rate: float = 0.2,
-                   steps: int = 3, want_empty: bool = False) -> None:
-    """Noiseless: each update == the single-process clipped sum over the union of the ranks' rows / N·q."""
+                   steps: int = 3, want_empty: bool = False, model: str = "tiny") -> None:
+    """Noiseless: each update == the single-process clipped sum over the union of the ranks' rows / N·q, with the
+    clip bound at the median per-example norm of the data (some examples clipped, some not)."""
     torch.manual_seed(0)
-    reference = TinyLM().double()
-    model = _shard(copy.deepcopy(reference), reshard, mixed)
-    _, (pmodel, optimizer, loader) = _private(model, noise_multiplier=0.0, max_grad_norm=BOUND, sample_rate=rate,
+    reference, blocks, loss = MODELS[model]()
+    bound = _reference_sum(reference, loss, _dataset().tensors[0][:9], 1.0)[1].median().item()
+    sharded = copy.deepcopy(reference)
+    _shard(sharded, blocks(sharded), reshard, mixed)
+    _, (pmodel, optimizer, loader) = _private(sharded, noise_multiplier=0.0, max_grad_norm=bound, sample_rate=rate,
                                               max_physical_batch_size=physical)
-    assert model.head.weight is model.embed.weight
     clipped, unclipped, empty_seen = 0, 0, False
 
     def check(rows: torch.Tensor, sizes: list[int]) -> None:
         nonlocal clipped, unclipped, empty_seen
         empty_seen |= min(sizes) == 0 < max(sizes)
-        expected = _reference_sum(reference, rows)
-        errors, sizes = [], []
-        for name, p in model.named_parameters():
+        expected, norms = _reference_sum(reference, loss, rows, bound)
+        errors, squares = [], []
+        for name, p in sharded.named_parameters():
             want = expected[name] / loader.expected_batch_size
             got = p.grad.full_tensor()
             errors.append((got - want).norm() ** 2)
-            sizes.append(want.norm() ** 2)
+            squares.append(want.norm() ** 2)
             if not mixed:
                 torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
         if mixed:  # bf16 forward and backward: close, not exact
-            assert (sum(errors) / sum(sizes)).sqrt() < 0.05, (sum(errors) / sum(sizes)).sqrt()
-        for i in range(rows.shape[0]):
-            grads = torch.autograd.grad(lm_loss(reference(rows[i:i + 1]), rows[i:i + 1]), list(reference.parameters()))
-            norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
-            clipped, unclipped = clipped + int(norm > BOUND), unclipped + int(norm <= BOUND)
-        reference.load_state_dict(_full(model))
+            assert (sum(errors) / sum(squares)).sqrt() < 0.05, (sum(errors) / sum(squares)).sqrt()
+        clipped, unclipped = clipped + int((norms > bound).sum()), unclipped + int((norms <= bound).sum())
+        reference.load_state_dict(_full(sharded))
 
-    _run(pmodel, optimizer, loader, steps, check)
-    assert clipped and unclipped, f"{clipped} clipped and {unclipped} unclipped examples: change BOUND"
+    _run(pmodel, optimizer, loader, steps, check, loss)
+    assert clipped and unclipped, f"{clipped} clipped and {unclipped} unclipped examples"
     assert empty_seen or not want_empty, "no step had an empty rank next to a non-empty one: change the seed"
 
 
@@ -213,7 +236,8 @@ def scenario_checkpoint(rank: int, out_dir: str) -> None:
 
     def fresh():
         torch.manual_seed(3)
-        model = _shard(TinyLM().double(), reshard=True)
+        model = TinyLM().double()
+        _shard(model, list(model.blocks), reshard=True)
         engine, parts = _private(model, noise_multiplier=1.0, max_grad_norm=BOUND, sample_rate=0.2,
                                  max_physical_batch_size=4, momentum=0.9)
         return engine, model, parts
@@ -242,7 +266,8 @@ def scenario_errors(rank: int) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     torch.manual_seed(0)
-    model = _shard(TinyLM().double(), reshard=True)
+    model = TinyLM().double()
+    _shard(model, list(model.blocks), reshard=True)
     with pytest.raises(ValueError, match="poisson_sampling=True"):
         _private(model, noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
     engine, (pmodel, optimizer, loader) = _private(model, noise_multiplier=1.0, max_grad_norm=1.0)
@@ -267,7 +292,8 @@ def scenario_errors(rank: int) -> None:
     with pytest.raises(ValueError, match=r"'0\.weight'.*dim 0"):
         _private(other, noise_multiplier=1.0, max_grad_norm=1.0)
 
-    mismatch = _shard(TinyLM().double(), reshard=True)
+    mismatch = TinyLM().double()
+    _shard(mismatch, list(mismatch.blocks), reshard=True)
     with pytest.raises(ValueError, match="physical batches"):
         _private(mismatch, noise_multiplier=1.0, max_grad_norm=1.0, max_physical_batch_size=3 + rank)
 
@@ -279,6 +305,7 @@ def _scenarios(world: int, ports: tuple[int, int], out_dir: str) -> dict[str, Ca
         "exact_whole": lambda r: scenario_exact(r, reshard=wide, physical=None),
         "empty": lambda r: scenario_exact(r, reshard=True, physical=None, rate=2 / 40, steps=8, want_empty=True),
         "mixed": lambda r: scenario_exact(r, reshard=True, physical=4, mixed=True),
+        "gpt2": lambda r: scenario_exact(r, reshard=not wide, physical=3, steps=2, model="gpt2"),
         "noise": scenario_noise,
         "checkpoint": lambda r: scenario_checkpoint(r, out_dir),
         "errors": scenario_errors,
@@ -308,6 +335,11 @@ def test_noiseless_update_with_whole_local_batches(ranks) -> None:
 def test_empty_local_batches_still_take_part(ranks) -> None:
     """Unpadded: a rank with no examples runs a forward and backward on zero rows and joins the reduce-scatter."""
     expect_ok(ranks, "empty")
+
+
+def test_hugging_face_gpt2_exact(ranks) -> None:
+    """GPT-2 called as model(input_ids=...): tied embeddings, (1, T) position ids, Conv1D; one unit per block."""
+    expect_ok(ranks, "gpt2")
 
 
 def test_mixed_precision_bf16_params_fp32_reduce(ranks) -> None:
