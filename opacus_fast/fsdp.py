@@ -8,9 +8,9 @@ sharded with ``fully_shard`` (each parameter a ``DTensor`` sharded in dim 0 over
 - clipping is per example, on each rank's own examples, with the weights FSDP gathers for forward and backward
   (its unsharded parameters stand in for the sharded ones: the engine maps each to the parameter it stands for);
   BK keeps layer inputs and output gradients, never weights, so FSDP frees them as usual;
-- at the end of each backward, the clipped sums (one unsharded gradient's size, transiently) go into each rank's
-  shard through one reduce-scatter per FSDP unit, never an all-gather of full gradients; ``p.summed_grad`` is the
-  shard, a DTensor like ``p``;
+- at the end of each backward, the clipped sums go into each rank's shard through one reduce-scatter per FSDP unit,
+  never an all-gather of full gradients; the engine computes them layer by layer as the reduce-scatters take them,
+  so about one unit's unsharded sums exist at a time; ``p.summed_grad`` is the shard, a DTensor like ``p``;
 - noise: at the end of a logical step each rank adds N(0, σ²C²) to its own shard only, so every coordinate is
   noised exactly once; the ranks' generators are seeded from one seed (rank 0's draw from torch's global RNG)
   mixed with the rank, so the streams differ per shard and are reproducible; the divisor is the GLOBAL N·q;
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,16 +131,26 @@ class ShardedSetup:
             broadcast_from_rank0(buffers)
         engine.accumulate = self.reduce_scatter
 
-    def reduce_scatter(self, sums: list[tuple[nn.Parameter, Tensor]]) -> None:
-        """Add each rank's clipped sums, summed over all ranks, to this rank's shard of ``p.summed_grad``: one
-        reduce-scatter per unit, on every rank for every clipped backward (an empty one sends zeros)."""
-        by_param = dict(sums)
-        for unit in self.units:
+    def reduce_scatter(self, sums: Iterator[tuple[nn.Parameter, Tensor]], params: Sequence[nn.Parameter]) -> None:
+        """Add each rank's clipped sums, summed over all ranks, to this rank's shard of ``p.summed_grad``.
+
+        One reduce-scatter per unit, on every rank for every clipped backward (a rank without examples sends zeros),
+        in a fixed order (the units in reverse, as backward meets them), so the ranks' collectives always pair up.
+        Sums are taken from ``sums`` only as far as the next unit needs, so about one unit's sums exist at a time.
+        """
+        coming = {id(p) for p in params}
+        ready: dict[int, Tensor] = {}
+        for unit in reversed(self.units):
             trainable = [p for p in unit if p.requires_grad]
-            if trainable:
-                unit_sums = [by_param.pop(p, None) for p in trainable]
-                _guarded("the reduce-scatter of the clipped gradient sums",
-                         lambda params=trainable, sums=unit_sums: _reduce_scatter_unit(params, sums))
+            if not trainable:
+                continue
+            wanted = [p for p in trainable if id(p) in coming]
+            while any(id(p) not in ready for p in wanted):
+                p, total = next(sums)
+                ready[id(p)] = total
+            unit_sums = [ready.pop(id(p), None) for p in trainable]
+            _guarded("the reduce-scatter of the clipped gradient sums",
+                     lambda params=trainable, sums=unit_sums: _reduce_scatter_unit(params, sums))
 
 
 def _chunk_rows(rows: int, world: int) -> int:

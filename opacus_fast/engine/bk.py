@@ -18,7 +18,7 @@ import functools
 import sys
 import types
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,8 +73,9 @@ class BKEngine:
             each mapped to the parameter it stands for: their uses are captured, clipped and named as that
             parameter's.
 
-    ``accumulate`` (an attribute) receives each clipped backward's ``(parameter, clipped sum)`` pairs, once per
-    clipped backward, an empty one included; by default it adds them to ``p.summed_grad``.
+    ``accumulate`` (an attribute) receives each clipped backward's ``(parameter, clipped sum)`` pairs as an
+    iterator, with the list of parameters it will yield, once per clipped backward, an empty one included; by
+    default it adds them to ``p.summed_grad``.
     """
 
     def __init__(
@@ -108,7 +109,7 @@ class BKEngine:
         self._params.update((id(s), p) for s, p in self._stand_ins)
         #: ``id`` of every tensor that :meth:`parameter` resolves
         self.known = frozenset(self._params)
-        self.accumulate: Callable[[list[tuple[nn.Parameter, Tensor]]], None] = _accumulate
+        self.accumulate: Callable[[Iterator[tuple[nn.Parameter, Tensor]], Sequence[nn.Parameter]], None] = _accumulate
         self._functional: dict[tuple, Site] = {}
         self.tracker = BatchTracker(self)
         #: whether forward hooks that resume tracking in checkpointing recomputations are installed
@@ -453,15 +454,14 @@ class BKEngine:
         if self.context is not None:
             self.context.clipped_since_release += 1
         if batch == 0:  # an empty (unpadded) logical batch: nothing to clip; the step is noise only
-            self.accumulate([])
+            self.accumulate(iter(()), [])
             return
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
         flat = self.bound.flat is not None
         work = _ClippingWork.collect(records)
         factors = self._clip_factors(work.sq_norms(flat), scale, mask)
         with scratch_space():
-            sums = work.clipped_sums(factors, flat)
-        self.accumulate(sums)
+            self.accumulate(work.clipped_sums(factors, flat), work.params)
 
     def _clip_factors(self, sq: list[tuple[list[nn.Parameter], Tensor]], scale: float, mask: Tensor | None) -> dict:
         """Per-parameter (B,) factors ``scale * min(1, C / (||G_i|| + 1e-6)) * mask_i`` (G_i the true gradient), from
@@ -561,22 +561,28 @@ class _ClippingWork:
             return sq + [(params, sq_norm(grads)) for params, grads in self.blocks]
         return sq + [([p], sq_norm(grad)) for p, grad in self.examples]
 
-    def clipped_sums(self, factors: dict[nn.Parameter, Tensor], flat: bool) -> list[tuple[nn.Parameter, Tensor]]:
-        """``(p, sum_i factor_i G_i)`` for every clipped parameter (``flat``: one factor for all)."""
-        sums = []
-        while self.ruled:  # each layer's saved input and output gradient are freed as soon as its sums are taken
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The parameters :meth:`clipped_sums` yields a sum for."""
+        return [p for p, _ in self.ruled_sq] + [p for p, _ in self.examples]
+
+    def clipped_sums(self, factors: dict[nn.Parameter, Tensor], flat: bool) -> Iterator[tuple[nn.Parameter, Tensor]]:
+        """``(p, sum_i factor_i G_i)`` for every clipped parameter (``flat``: one factor for all): the small ones
+        first, then layer by layer in backward order, each layer's saved input and output gradient freed as soon as
+        its sums are taken (a consumer that hands each sum on at once holds one layer's sums at a time)."""
+        if not flat:
+            yield from ((p, weighted_sum(factors[p], grad)) for p, grad in self.examples)
+        else:
+            for params, grads in self.blocks:  # one GEMV for each block
+                total = weighted_sum(factors[params[0]], grads)
+                yield from zip(params, total.split([p.numel() for p in params]))
+        while self.ruled:
             rec, names, cache = self.ruled.pop(0)
             site = rec.site
             wanted = {n: factors[site.params[n]] for n in names}
-            sums += [(site.params[n], s) for n, s in site.rule.clipped_sum(
-                site.module, rec.saved, rec.g, wanted, cache).items()]
+            sums = site.rule.clipped_sum(site.module, rec.saved, rec.g, wanted, cache)
             rec.saved, rec.g, cache = (), None, None
-        if not flat:
-            return sums + [(p, weighted_sum(factors[p], grad)) for p, grad in self.examples]
-        for params, grads in self.blocks:  # one GEMV for each block
-            total = weighted_sum(factors[params[0]], grads)
-            sums += zip(params, total.split([p.numel() for p in params]))
-        return sums
+            yield from ((site.params[n], s) for n, s in sums.items())
 
 
 def _release_frozen(records: list[Record]) -> None:
@@ -588,9 +594,9 @@ def _release_frozen(records: list[Record]) -> None:
                 p.summed_grad = None
 
 
-def _accumulate(sums: list[tuple[nn.Parameter, Tensor]]) -> None:
+def _accumulate(sums: Iterable[tuple[nn.Parameter, Tensor]], params: Sequence[nn.Parameter] = ()) -> None:
     """Add each sum to its ``p.summed_grad``, which the engine owns: a logical batch's first sum is kept as it is,
-    later ones are added in place, all in one foreach kernel."""
+    later ones are added in place, all in one foreach kernel (``params``, those summed, is not needed here)."""
     into, added = [], []
     for p, s in sums:
         s = cast(s, p.dtype)
