@@ -37,7 +37,7 @@ from torch import nn
 
 from .data.sampler import draw_seed
 from .distributed import _guarded, _require_initialised, broadcast_from_rank0
-from .optimizer import FastDPOptimizer, add_gaussian_noise, check_savable
+from .optimizer import FastDPOptimizer, add_gaussian_noise, check_savable, filled_buffers
 
 Tensor = torch.Tensor
 #: reduce-scatter of one flat tensor (renamed in recent torch)
@@ -217,14 +217,17 @@ class ShardedFastDPOptimizer(FastDPOptimizer):
         from torch.distributed.tensor import DTensor
 
         params = self.params
-        shards = [p.summed_grad._local_tensor if getattr(p, "summed_grad", None) is not None
-                  else torch.zeros_like(p.to_local()) for p in params]
-        grads = torch._foreach_mul(shards, 1.0)
+        locals_ = [p.to_local() for p in params]
+        current = [p.grad._local_tensor if isinstance(p.grad, DTensor) else None for p in params]
+        shards = [p.summed_grad._local_tensor if getattr(p, "summed_grad", None) is not None else None
+                  for p in params]
+        grads = filled_buffers(current, shards, locals_)
         add_gaussian_noise(grads, self.gradient_noise_multiplier() * self.max_grad_norm, self.generator,
                            self.secure_mode)
-        for p, grad in zip(params, grads):
-            p.grad = DTensor.from_local(grad, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                        stride=p.stride())
+        for p, grad, old in zip(params, grads, current):
+            if grad is not old:
+                p.grad = DTensor.from_local(grad, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                            stride=p.stride())
 
     def scale_grad(self) -> None:
         if self.loss_reduction == "mean":

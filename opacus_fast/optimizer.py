@@ -204,8 +204,7 @@ class FastDPOptimizer(DPOptimizer):
         """``p.grad = summed clipped grads + N(0, σ²C²)``, one draw per logical batch (:func:`add_gaussian_noise`);
         ``p.summed_grad`` stays, without noise, until ``zero_grad()``."""
         params = self.params
-        sums = [p.summed_grad if getattr(p, "summed_grad", None) is not None else torch.zeros_like(p) for p in params]
-        grads = torch._foreach_mul(sums, 1.0)  # fresh tensors, the sums' shapes (one kernel)
+        grads = filled_buffers([p.grad for p in params], [getattr(p, "summed_grad", None) for p in params], params)
         std = self.gradient_noise_multiplier() * self.max_grad_norm
         add_gaussian_noise(grads, std, self.generator, self.secure_mode)
         for p, grad in zip(params, grads):
@@ -347,21 +346,52 @@ class AdaptiveClipDPOptimizer(FastDPOptimizer):
         self.unclipped_num = 0
 
 
+def filled_buffers(current: list[torch.Tensor | None], sums: list[torch.Tensor | None],
+                   like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A copy of each sum (zeros where None), shaped like ``like``: written into the ``current`` tensor where it can
+    hold it (a zeroed ``p.grad``: its memory is reused rather than held beside a new copy), else into a new one;
+    one foreach kernel for the copies, one for the zeros."""
+    out = []
+    for old, ref in zip(current, like):
+        fits = (old is not None and old.shape == ref.shape and old.dtype == ref.dtype and old.device == ref.device
+                and old.layout == torch.strided and not old.requires_grad)
+        out.append(old if fits else torch.empty_like(ref, memory_format=torch.contiguous_format))
+    copied = [(t, s) for t, s in zip(out, sums) if s is not None]
+    if copied:
+        torch._foreach_copy_([t for t, _ in copied], [s for _, s in copied])
+    zeroed = [t for t, s in zip(out, sums) if s is None]
+    if zeroed:
+        torch._foreach_zero_(zeroed)
+    return out
+
+
+#: the noise is drawn in flat buffers of at most this many elements (a few kernels for all parameters, with a bounded
+#: extra memory)
+NOISE_BUCKET_NUMEL = 2**24
+
+
 def add_gaussian_noise(
     tensors: list[torch.Tensor], std: float, generator: torch.Generator | None, secure_mode: bool
 ) -> None:
     """Add independent N(0, std²) noise to every element of ``tensors``, in place.
 
-    One draw per (device, dtype) of a flat buffer for all the tensors, split among them, and one foreach add: a
-    handful of kernels instead of several per parameter. Every element gets its own draw from ``generator`` in the
-    tensors' dtype, as Opacus draws per parameter; with ``secure_mode``, Opacus' own secure draw makes the buffer.
+    One draw per (device, dtype) of a flat buffer for the tensors (in buckets of at most ``NOISE_BUCKET_NUMEL``
+    elements, a larger tensor alone), split among them, and one foreach add: a handful of kernels instead of several
+    per parameter. Every element gets its own draw from ``generator`` in the tensors' dtype, as Opacus draws per
+    parameter; with ``secure_mode``, Opacus' own secure draw makes the buffer.
     """
     if std == 0:
         return
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    groups: list[list[torch.Tensor]] = []
+    open_groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    for (device, dtype), group in groups.items():
+        group = open_groups.get((t.device, t.dtype))
+        if group is None or sum(g.numel() for g in group) + t.numel() > NOISE_BUCKET_NUMEL:
+            group = open_groups[(t.device, t.dtype)] = []
+            groups.append(group)
+        group.append(t)
+    for group in groups:
+        device, dtype = group[0].device, group[0].dtype
         total = sum(t.numel() for t in group)
         if secure_mode:
             shape_of = torch.empty((), device=device, dtype=dtype).expand(total)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from scipy import stats
 
-from opacus_fast.optimizer import add_gaussian_noise
+import opacus_fast.optimizer
+from opacus_fast.optimizer import add_gaussian_noise, filled_buffers
 
 SHAPES = [(300, 70), (70,), (3, 5, 7, 11), (1,), (4096,)]
 
@@ -20,8 +21,11 @@ def _draw(std: float, secure_mode: bool, seed: int = 3) -> list[torch.Tensor]:
     return tensors
 
 
+@pytest.mark.parametrize("bucket", [2**24, 5000], ids=["one_bucket", "several_buckets"])
 @pytest.mark.parametrize("secure_mode", [False, True])
-def test_flat_noise_is_normal_with_the_given_std(secure_mode: bool) -> None:
+def test_flat_noise_is_normal_with_the_given_std(secure_mode: bool, bucket: int, monkeypatch) -> None:
+    """Also with buckets smaller than some parameters (those are drawn alone) and than their sum."""
+    monkeypatch.setattr(opacus_fast.optimizer, "NOISE_BUCKET_NUMEL", bucket)
     std = 2.5
     tensors = _draw(std, secure_mode)
     values = torch.cat([t.reshape(-1).double() for t in tensors])
@@ -65,3 +69,17 @@ def test_zero_std_adds_nothing_and_draws_nothing() -> None:
     sums = [torch.arange(6.0)]
     add_gaussian_noise(sums, 0.0, gen, False)
     assert torch.equal(sums[0], torch.arange(6.0)) and torch.equal(gen.get_state(), state)
+
+
+def test_filled_buffers_reuse_what_fits_and_copy_the_sums() -> None:
+    """A zeroed gradient of the right shape and dtype is reused; the others are new; the values are the sums (zeros
+    where there is none), whatever the buffers held before."""
+    like = [torch.ones(3, 2), torch.ones(4), torch.ones(5, dtype=torch.float64)]
+    current = [torch.full((3, 2), 7.0), torch.full((2, 2), 7.0), None]
+    sums = [torch.arange(6.0).view(3, 2), torch.arange(4.0), None]
+    out = filled_buffers(current, sums, like)
+    assert out[0] is current[0] and out[1] is not current[1] and out[2] is not None
+    torch.testing.assert_close(out[0], sums[0], rtol=0, atol=0)
+    torch.testing.assert_close(out[1], sums[1], rtol=0, atol=0)
+    torch.testing.assert_close(out[2], torch.zeros(5, dtype=torch.float64), rtol=0, atol=0)
+    assert out[1].shape == like[1].shape and out[1] is not sums[1]
