@@ -582,6 +582,11 @@ def fsdp_worker(rank: int, world: int, port: int, method: str, args: argparse.Na
             "ranks": ranks,
         }))
     dist.destroy_process_group()
+    # exit at once: the run is written, and gloo's worker threads can still hold FSDP's asynchronous work, whose
+    # release during interpreter finalization sometimes aborts the process (a known torch/gloo teardown race)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn_fsdp(method: str, world: int, repeat: int, args: argparse.Namespace) -> dict[str, Any]:
