@@ -20,6 +20,7 @@ processes.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -171,6 +172,15 @@ def checkpoint(args: argparse.Namespace, epoch: int, engine: PrivacyEngine, mode
 def main() -> None:
     args = parse_args()
     device = setup_device(args)
+    train_and_report(args, device)
+    # FSDP's state (gone with the model, once train_and_report has returned) may hold gloo's asynchronous work:
+    # release it before the process group and the interpreter go, or their teardown can abort the process
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def train_and_report(args: argparse.Namespace, device: torch.device) -> None:
+    """Shard, make private, train (resuming from --checkpoint), and print progress and ε on rank 0."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(args.seed)  # the same initial weights on every rank; rank 0 seeds sampling and noise
 
@@ -200,7 +210,6 @@ def main() -> None:
     if rank == 0:
         print(f"done: ε = {engine.get_epsilon(args.delta):.3f} at δ = {args.delta:g} "
               f"(target {args.target_epsilon:g})", flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
