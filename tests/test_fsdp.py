@@ -95,7 +95,8 @@ MODELS = {"tiny": _tiny_lm, "gpt2": _gpt2}
 
 def _private(model: nn.Module, engine: PrivacyEngine | None = None, **options):
     engine = engine or PrivacyEngine()
-    optimizer = torch.optim.SGD(model.parameters(), lr=options.pop("lr", 0.5), momentum=options.pop("momentum", 0))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=options.pop("lr", 0.5),
+                                momentum=options.pop("momentum", 0))
     loader = DataLoader(_dataset(), batch_size=8)
     return engine, engine.make_private_fast(module=model, optimizer=optimizer, data_loader=loader, **options)
 
@@ -104,7 +105,7 @@ def _reference_sum(model: nn.Module, loss: Callable, rows: torch.Tensor,
                    bound: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """sum_i min(1, C/(||G_i||+1e-6)) G_i over ``rows``, one example at a time, in this process alone, and the
     per-example norms."""
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     norms = []
     for i in range(rows.shape[0]):
@@ -149,11 +150,14 @@ def _run(model: nn.Module, optimizer, loader, steps: int, on_step: Callable | No
 
 # ---- scenarios (run on every rank) ---------------------------------------------------------------------------------
 def scenario_exact(rank: int, *, reshard: bool, physical: int | None, mixed: bool = False, rate: float = 0.2,
-                   steps: int = 3, want_empty: bool = False, model: str = "tiny") -> None:
+                   steps: int = 3, want_empty: bool = False, model: str = "tiny", frozen: tuple[str, ...] = ()) -> None:
     """Noiseless: each update == the single-process clipped sum over the union of the ranks' rows / N·q, with the
-    clip bound at the median per-example norm of the data (some examples clipped, some not)."""
+    clip bound at the median per-example norm of the data (some examples clipped, some not); ``frozen``: parameters
+    that do not train (and get no gradient)."""
     torch.manual_seed(0)
     reference, blocks, loss = MODELS[model]()
+    for name in frozen:
+        reference.get_parameter(name).requires_grad_(False)
     bound = _reference_sum(reference, loss, _dataset().tensors[0][:9], 1.0)[1].median().item()
     sharded = copy.deepcopy(reference)
     _shard(sharded, blocks(sharded), reshard, mixed)
@@ -167,6 +171,9 @@ def scenario_exact(rank: int, *, reshard: bool, physical: int | None, mixed: boo
         expected, norms = _reference_sum(reference, loss, rows, bound)
         errors, squares = [], []
         for name, p in sharded.named_parameters():
+            if not p.requires_grad:
+                assert p.grad is None, f"frozen {name} got a gradient"
+                continue
             want = expected[name] / loader.expected_batch_size
             got = p.grad.full_tensor()
             errors.append((got - want).norm() ** 2)
@@ -304,6 +311,8 @@ def _scenarios(world: int, ports: tuple[int, int], out_dir: str) -> dict[str, Ca
         "exact": lambda r: scenario_exact(r, reshard=not wide, physical=3),
         "exact_whole": lambda r: scenario_exact(r, reshard=wide, physical=None),
         "empty": lambda r: scenario_exact(r, reshard=True, physical=None, rate=2 / 40, steps=8, want_empty=True),
+        "frozen": lambda r: scenario_exact(r, reshard=True, physical=3, steps=2,
+                                           frozen=("embed.weight", "blocks.0.fc.weight", "norm.bias")),
         "mixed": lambda r: scenario_exact(r, reshard=True, physical=4, mixed=True),
         "gpt2": lambda r: scenario_exact(r, reshard=not wide, physical=3, steps=2, model="gpt2"),
         "noise": scenario_noise,
@@ -340,6 +349,11 @@ def test_empty_local_batches_still_take_part(ranks) -> None:
 def test_hugging_face_gpt2_exact(ranks) -> None:
     """GPT-2 called as model(input_ids=...): tied embeddings, (1, T) position ids, Conv1D; one unit per block."""
     expect_ok(ranks, "gpt2")
+
+
+def test_frozen_parameters_inside_units(ranks) -> None:
+    """As with LoRA: a frozen tied embedding, a frozen weight next to a trainable bias, a frozen LayerNorm bias."""
+    expect_ok(ranks, "frozen")
 
 
 def test_mixed_precision_bf16_params_fp32_reduce(ranks) -> None:
