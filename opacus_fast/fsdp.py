@@ -98,10 +98,8 @@ class ShardedSetup:
     module: nn.Module
     #: FSDP's unsharded parameter → the sharded parameter it stands for
     stand_ins: dict[Tensor, nn.Parameter] = field(default_factory=dict)
-    #: each unit's sharded parameters, in module order: one reduce-scatter each
+    #: each unit's sharded parameters (of one dtype, as FSDP requires), in module order: one reduce-scatter each
     units: list[list[nn.Parameter]] = field(default_factory=list)
-    #: the settings every rank must share beyond those of :func:`~opacus_fast.distributed.check_same_settings`
-    settings: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, module: nn.Module) -> ShardedSetup:
@@ -159,7 +157,8 @@ def _chunk_rows(rows: int, world: int) -> int:
 
 
 def _reduce_scatter_unit(params: Sequence[nn.Parameter], sums: Sequence[Tensor | None]) -> None:
-    """One reduce-scatter of a unit's full-size sums (zeros where None) into the ranks' dim-0 shards of ``params``."""
+    """One reduce-scatter of a unit's full-size sums (zeros where None) into the ranks' dim-0 shards of ``params``
+    (all of one dtype)."""
     from torch.distributed.tensor import DTensor
 
     world, rank = dist.get_world_size(), dist.get_rank()
