@@ -94,7 +94,6 @@ def _check_placement(name: str, p: Tensor, world: int) -> None:
 class ShardedSetup:
     """A model sharded with FSDP2 for DP training: its unsharded parameters (stand-ins) and its units."""
 
-    wrapper: nn.Module
     module: nn.Module
     #: FSDP's unsharded parameter → the sharded parameter it stands for
     stand_ins: dict[Tensor, nn.Parameter] = field(default_factory=dict)
@@ -112,7 +111,7 @@ class ShardedSetup:
         for m in module.modules():  # FSDP creates its unsharded parameters at the first all-gather, once
             if is_sharded(m):
                 m.unshard()
-        setup = cls(module, module)
+        setup = cls(module)
         for unit in _fsdp_params(module):
             setup.units.append([f.sharded_param for f in unit])
             for f in unit:
@@ -174,9 +173,9 @@ def _reduce_scatter_unit(params: Sequence[nn.Parameter], sums: Sequence[Tensor |
     out = torch.empty(flat.numel() // world, dtype=dtype, device=flat.device)
     _REDUCE_SCATTER(out, flat)
     for p, block in zip(params, out.split([b.shape[1] for b in blocks])):
-        local = p.to_local()
-        start = min(rank * _chunk_rows(p.shape[0], world), p.shape[0])
-        if local.shape[0] != min(p.shape[0] - start, _chunk_rows(p.shape[0], world)):
+        local, rows = p._local_tensor, p.shape[0]
+        chunk = _chunk_rows(rows, world)
+        if local.shape[0] != max(0, min(chunk, rows - rank * chunk)):
             raise RuntimeError(f"unexpected shard of {tuple(local.shape)} rows for a parameter of {tuple(p.shape)}")
         shard = block[: local.numel()].reshape(local.shape)
         if getattr(p, "summed_grad", None) is None:
@@ -216,7 +215,7 @@ class ShardedFastDPOptimizer(FastDPOptimizer):
         from torch.distributed.tensor import DTensor
 
         params = self.params
-        locals_ = [p.to_local() for p in params]
+        locals_ = [p._local_tensor for p in params]
         current = [p.grad._local_tensor if isinstance(p.grad, DTensor) else None for p in params]
         shards = [p.summed_grad._local_tensor if getattr(p, "summed_grad", None) is not None else None
                   for p in params]
