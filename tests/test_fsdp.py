@@ -314,7 +314,8 @@ def _scenarios(world: int, ports: tuple[int, int], out_dir: str) -> dict[str, Ca
         "frozen": lambda r: scenario_exact(r, reshard=True, physical=3, steps=2,
                                            frozen=("embed.weight", "blocks.0.fc.weight", "norm.bias")),
         "mixed": lambda r: scenario_exact(r, reshard=True, physical=4, mixed=True),
-        "gpt2": lambda r: scenario_exact(r, reshard=not wide, physical=3, steps=2, model="gpt2"),
+        "batch_eq_length": lambda r: scenario_exact(r, reshard=wide, physical=LENGTH, steps=2),
+        "gpt2": lambda r: scenario_exact(r, reshard=not wide, physical=LENGTH, steps=2, model="gpt2"),
         "noise": scenario_noise,
         "checkpoint": lambda r: scenario_checkpoint(r, out_dir),
         "errors": scenario_errors,
@@ -346,8 +347,14 @@ def test_empty_local_batches_still_take_part(ranks) -> None:
     expect_ok(ranks, "empty")
 
 
+def test_physical_batch_equal_to_sequence_length(ranks) -> None:
+    """Padded physical batches of LENGTH rows: the (LENGTH, DIM) position table has as many rows as the batch."""
+    expect_ok(ranks, "batch_eq_length")
+
+
 def test_hugging_face_gpt2_exact(ranks) -> None:
-    """GPT-2 called as model(input_ids=...): tied embeddings, (1, T) position ids, Conv1D; one unit per block."""
+    """GPT-2 called as model(input_ids=...): tied embeddings, (1, T) position ids, Conv1D; one unit per block;
+    padded physical batches as long as the sequences."""
     expect_ok(ranks, "gpt2")
 
 
