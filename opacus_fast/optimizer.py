@@ -204,9 +204,16 @@ class FastDPOptimizer(DPOptimizer):
         """``p.grad = summed clipped grads + N(0, σ²C²)``, one draw per logical batch (:func:`add_gaussian_noise`);
         ``p.summed_grad`` stays, without noise, until ``zero_grad()``."""
         params = self.params
-        grads = filled_buffers([p.grad for p in params], [getattr(p, "summed_grad", None) for p in params], params)
+        sums = [getattr(p, "summed_grad", None) for p in params]
         std = self.gradient_noise_multiplier() * self.max_grad_norm
-        add_gaussian_noise(grads, std, self.generator, self.secure_mode)
+        if std > 0 and all(p.grad is None for p in params):  # after zero_grad(set_to_none=True): the draw is p.grad
+            grads = gaussian_noise(params, std, self.generator, self.secure_mode)
+            summed = [(grad, s) for grad, s in zip(grads, sums) if s is not None]
+            if summed:
+                torch._foreach_add_([grad for grad, _ in summed], [s for _, s in summed])
+        else:
+            grads = filled_buffers([p.grad for p in params], sums, params)
+            add_gaussian_noise(grads, std, self.generator, self.secure_mode)
         for p, grad in zip(params, grads):
             p.grad = grad
 
@@ -373,32 +380,43 @@ NOISE_BUCKET_NUMEL = 2**24
 def add_gaussian_noise(
     tensors: list[torch.Tensor], std: float, generator: torch.Generator | None, secure_mode: bool
 ) -> None:
-    """Add independent N(0, std²) noise to every element of ``tensors``, in place.
-
-    One draw per (device, dtype) of a flat buffer for the tensors (in buckets of at most ``NOISE_BUCKET_NUMEL``
-    elements, a larger tensor alone), split among them, and one foreach add: a handful of kernels instead of several
-    per parameter. Every element gets its own draw from ``generator`` in the tensors' dtype, as Opacus draws per
-    parameter; with ``secure_mode``, Opacus' own secure draw makes the buffer.
-    """
+    """Add independent N(0, std²) noise to every element of ``tensors``, in place (:func:`gaussian_noise`, then one
+    foreach add)."""
     if std == 0:
         return
-    groups: list[list[torch.Tensor]] = []
-    open_groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for t in tensors:
-        group = open_groups.get((t.device, t.dtype))
-        if group is None or sum(g.numel() for g in group) + t.numel() > NOISE_BUCKET_NUMEL:
-            group = open_groups[(t.device, t.dtype)] = []
-            groups.append(group)
-        group.append(t)
-    for group in groups:
-        device, dtype = group[0].device, group[0].dtype
-        total = sum(t.numel() for t in group)
+    torch._foreach_add_(tensors, gaussian_noise(tensors, std, generator, secure_mode))
+
+
+def gaussian_noise(
+    like: list[torch.Tensor], std: float, generator: torch.Generator | None, secure_mode: bool
+) -> list[torch.Tensor]:
+    """Fresh tensors of independent N(0, std²) elements, shaped like ``like``'s.
+
+    One draw per (device, dtype) of a flat buffer (in buckets of at most ``NOISE_BUCKET_NUMEL`` elements, a larger
+    tensor alone), whose views are the tensors: a handful of kernels instead of several per parameter. Every element
+    gets its own draw from ``generator`` in the tensors' dtype, as Opacus draws per parameter; with ``secure_mode``,
+    Opacus' own secure draw makes the buffer.
+    """
+    buckets: list[tuple[list[int], list[int]]] = []  # (indices into ``like``, [their total numel])
+    open_buckets: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[int]]] = {}
+    for i, t in enumerate(like):
+        bucket = open_buckets.get((t.device, t.dtype))
+        if bucket is None or bucket[1][0] + t.numel() > NOISE_BUCKET_NUMEL:
+            bucket = open_buckets[(t.device, t.dtype)] = ([], [0])
+            buckets.append(bucket)
+        bucket[0].append(i)
+        bucket[1][0] += t.numel()
+    out: list[torch.Tensor] = [None] * len(like)  # type: ignore[list-item]
+    for indices, (total,) in buckets:
+        device, dtype = like[indices[0]].device, like[indices[0]].dtype
         if secure_mode:
             shape_of = torch.empty((), device=device, dtype=dtype).expand(total)
             noise = _generate_noise(std=std, reference=shape_of, generator=generator, secure_mode=True)
         else:
             noise = torch.normal(0.0, std, size=(total,), generator=generator, device=device, dtype=dtype)
-        torch._foreach_add_(group, _unflatten_dense_tensors(noise, group))
+        for i, view in zip(indices, _unflatten_dense_tensors(noise, [like[i] for i in indices])):
+            out[i] = view
+    return out
 
 
 def check_savable(data_loader: Any) -> None:

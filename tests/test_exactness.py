@@ -228,3 +228,47 @@ def test_channels_last_group_norm_exact() -> None:
     """GroupNorm's fused per-example kernel reads its input as (1, B*C, HW): a channels-last input is copied first."""
     model = _model("cnn2d").to(memory_format=torch.channels_last)
     assert_exact(model, _inputs("cnn2d", 6).contiguous(memory_format=torch.channels_last))
+
+
+class SameShapeLayers(nn.Module):
+    """Layers of equal shapes, whose calls the engine stacks into one computation (two without a bias, which stack
+    apart from those with one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(6, 6, bias=i % 3 != 2) for i in range(6)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 30])  # one token, ghost norms (2T² < 36), instantiated per-example grads
+@pytest.mark.parametrize("run", [1, 2, 4])  # layers a stack may hold (bytes of their saved input and output grad)
+def test_stacked_layers_exact(tokens: int, run: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls stacked across layers give each layer its own exact clipped sum, under flat and per-layer clipping."""
+    monkeypatch.setattr(bk, "STACK_BYTES", run * 2 * 3 * tokens * 6 * 8)
+    sizes: list[int] = []
+    of = bk._Stack.of.__func__
+    monkeypatch.setattr(bk._Stack, "of", classmethod(lambda cls, recs, names: sizes.append(len(recs)) or
+                                                     of(cls, recs, names)))
+    torch.manual_seed(0)
+    model = SameShapeLayers().double()
+    x = torch.randn(3, tokens, 6, dtype=torch.float64)  # batch 3 = tokens 3 in one case
+    assert_exact(model, x)
+    assert max(sizes) == run  # the four layers with a bias stack as far as the bytes allow
+
+    params = {n: p for n, p in model.named_parameters()}
+    norms = {n: g.reshape(g.shape[0], -1).norm(dim=1)
+             for n, g in compute_microbatch_grad_sample(x, model, loss_reduction="sum").items()}
+    bounds = {n: float(v.median()) + 1e-9 for n, v in norms.items()}
+    expected = _per_layer_reference(model, x, bounds)
+    engine = BKEngine(model, bound=ClipBound([bounds[n] for n in params], list(params.values())), loss_reduction="sum")
+    try:
+        l1_loss(model(x), "sum").backward()
+    finally:
+        engine.detach()
+    for n, p in params.items():
+        err = (p.summed_grad - expected[n]).norm() / expected[n].norm()
+        assert err <= RTOL, f"{n}: relative error {err:.2e}"

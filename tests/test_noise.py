@@ -83,3 +83,35 @@ def test_filled_buffers_reuse_what_fits_and_copy_the_sums() -> None:
     torch.testing.assert_close(out[1], sums[1], rtol=0, atol=0)
     torch.testing.assert_close(out[2], torch.zeros(5, dtype=torch.float64), rtol=0, atol=0)
     assert out[1].shape == like[1].shape and out[1] is not sums[1]
+
+
+@pytest.mark.parametrize("bucket", [2**24, 50], ids=["one_bucket", "several_buckets"])
+def test_cleared_and_zeroed_gradients_get_the_same_noisy_step(bucket: int, monkeypatch) -> None:
+    """After zero_grad(set_to_none=True) the noise draw itself becomes p.grad; after zero_grad(set_to_none=False) the
+    zeroed gradients are reused: the same seed must give bit-identical gradients, sum + noise once, either way."""
+    monkeypatch.setattr(opacus_fast.optimizer, "NOISE_BUCKET_NUMEL", bucket)
+    from opacus_fast import PrivacyEngine
+
+    grads = {}
+    for set_to_none in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3, bias=False))
+        model[0].bias.requires_grad_(False)  # a frozen one among them
+        data = torch.utils.data.TensorDataset(torch.randn(64, 6), torch.randint(0, 3, (64,)))
+        engine = PrivacyEngine()
+        model, optimizer, loader = engine.make_private_fast(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=torch.utils.data.DataLoader(data, batch_size=16), noise_multiplier=1.3, max_grad_norm=0.5,
+            noise_generator=torch.Generator().manual_seed(5))
+        steps = []
+        for i, (x, y) in enumerate(loader):
+            optimizer.zero_grad(set_to_none=set_to_none)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            steps.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+            if i == 2:
+                break
+        grads[set_to_none] = steps
+    for cleared, zeroed in zip(grads[True], grads[False]):
+        for a, b in zip(cleared, zeroed):
+            assert torch.equal(a, b)

@@ -489,6 +489,55 @@ class BKEngine:
 #: squared norms and clipped sum are one kernel each (biases and norm layers: two kernels per parameter otherwise);
 #: larger ones (a tied embedding's) are handled alone, not to hold them twice
 BLOCK_NUMEL = 2**20
+#: calls of one rule with equal ``stack_key`` (a ViT's 12 qkv layers) are stacked into one computation, as many as
+#: fit in this many bytes of saved tensors and output gradients: a few kernels for all of them instead of a few per
+#: layer where launches cost the most (small tensors), and a bounded extra copy where they do not
+STACK_BYTES = 2**27
+
+
+@dataclass(eq=False)
+class _Stack:
+    """Calls of one rule whose norms and clipped sums are computed together: their saved tensors and output
+    gradients, stacked along dim 0 when there are several (``LayerRule.stack_key``), the names of the parameters the
+    rule clips, and the cache its norms left."""
+
+    sites: list[Site]
+    names: list[str]
+    saved: tuple[Tensor, ...]
+    g: Tensor | None
+    cache: Any = None
+
+    @classmethod
+    def of(cls, records: list[Record], names: list[str]) -> _Stack:
+        if len(records) == 1:
+            saved, g = records[0].saved, records[0].g
+        else:
+            saved = tuple(torch.cat(parts) for parts in zip(*(rec.saved for rec in records)))
+            g = torch.cat([rec.g for rec in records])
+        for rec in records:  # only the stack holds them now
+            rec.saved, rec.g = (), None
+        return cls([rec.site for rec in records], names, saved, g)
+
+    def per_call(self, rows: Tensor) -> list[Tensor]:
+        """``rows`` (one per stacked example) split into each call's."""
+        return [rows] if len(self.sites) == 1 else list(rows.chunk(len(self.sites)))
+
+
+def _stack_bytes(rec: Record) -> int:
+    return sum(t.numel() * t.element_size() for t in (*rec.saved, rec.g))
+
+
+def _stacks(records: list[Record]) -> list[list[Record]]:
+    """``records`` of one stack key in runs of at most ``STACK_BYTES`` (a record larger than that alone)."""
+    runs: list[list[Record]] = [[]]
+    size = 0
+    for rec in records:
+        size += _stack_bytes(rec)
+        if runs[-1] and size > STACK_BYTES:
+            runs.append([])
+            size = _stack_bytes(rec)
+        runs[-1].append(rec)
+    return runs
 
 
 @dataclass
@@ -498,8 +547,8 @@ class _ClippingWork:
     of eager rules and units, small ones such as biases, and parameters used several times in one pass, whose
     per-example gradients are summed over their uses first)."""
 
-    #: records whose rule computes the norms and sums of these of its parameters, with the cache its norms left
-    ruled: list[tuple[Record, list[str], Any]] = field(default_factory=list)
+    #: calls whose rule computes the norms and sums of their ``names``, stacked where their rule allows
+    ruled: list[_Stack] = field(default_factory=list)
     #: (B,) squared norms of the per-example gradients of ``ruled``'s parameters
     ruled_sq: list[tuple[nn.Parameter, Tensor]] = field(default_factory=list)
     #: per-example gradients (B, *p.shape) of all the other parameters
@@ -513,6 +562,7 @@ class _ClippingWork:
             for p in rec.site.params.values():
                 uses[p] += p.requires_grad
         multi: dict[nn.Parameter, Tensor] = {}
+        stackable: dict[Any, list[Record]] = defaultdict(list)
         for rec in records:
             site = rec.site
             single = [n for n, p in site.params.items() if uses[p] == 1]
@@ -522,10 +572,12 @@ class _ClippingWork:
             else:
                 small = [n for n in single if n in site.rule.per_example_params]
                 ruled = [n for n in single if n not in small]
+                if ruled and not repeated:
+                    key = site.rule.stack_key(site.module, rec.saved, rec.g)
+                    stackable[(site.rule, tuple(ruled), tuple(small), key) if key is not None else rec].append(rec)
+                    continue
                 if ruled:
-                    norms, cache = site.rule.norms(site.module, rec.saved, rec.g, ruled)
-                    work.ruled.append((rec, ruled, cache))
-                    work.ruled_sq += [(site.params[n], norms[n]) for n in ruled]
+                    work.add(_Stack.of([rec], ruled), [])
                     single = small
                 wanted = single + repeated
                 grads = site.rule.per_sample(site.module, rec.saved, rec.g, wanted) if wanted else {}
@@ -533,9 +585,28 @@ class _ClippingWork:
             for n in repeated:
                 p = site.params[n]
                 multi[p] = grads[n] if p not in multi else multi[p] + grads[n]
+        for key, same in stackable.items():
+            names, small = (list(key[1]), list(key[2])) if isinstance(key, tuple) else (None, None)
+            for run in _stacks(same):
+                if names is None:
+                    site = run[0].site
+                    names = [n for n in site.params if n not in site.rule.per_example_params]
+                    small = [n for n in site.params if n in site.rule.per_example_params]
+                work.add(_Stack.of(run, names), small)
         work.examples += multi.items()
         return work
 
+    def add(self, stack: _Stack, small: list[str]) -> None:
+        """Take the norms of ``stack``'s ruled parameters, and the per-example gradients of its ``small`` ones."""
+        site = stack.sites[0]
+        norms, stack.cache = site.rule.norms(site.module, stack.saved, stack.g, stack.names)
+        self.ruled.append(stack)
+        for n in stack.names:
+            self.ruled_sq += zip((s.params[n] for s in stack.sites), stack.per_call(norms[n]))
+        if small:
+            grads = site.rule.per_sample(site.module, stack.saved, stack.g, small)
+            for n in small:
+                self.examples += zip((s.params[n] for s in stack.sites), stack.per_call(grads[n]))
     @functools.cached_property
     def blocks(self) -> list[tuple[list[nn.Parameter], Tensor]]:
         """``examples`` as blocks whose norms and sums are computed together: (parameters, their per-example
@@ -568,8 +639,8 @@ class _ClippingWork:
 
     def clipped_sums(self, factors: dict[nn.Parameter, Tensor], flat: bool) -> Iterator[tuple[nn.Parameter, Tensor]]:
         """``(p, sum_i factor_i G_i)`` for every clipped parameter (``flat``: one factor for all): the small ones
-        first, then layer by layer in backward order, each layer's saved input and output gradient freed as soon as
-        its sums are taken (a consumer that hands each sum on at once holds one layer's sums at a time)."""
+        first, then stack by stack in backward order, each stack's saved inputs and output gradients freed as soon
+        as its sums are taken (a consumer that hands each sum on at once holds one stack's sums at a time)."""
         if not flat:
             yield from ((p, weighted_sum(factors[p], grad)) for p, grad in self.examples)
         else:
@@ -577,12 +648,17 @@ class _ClippingWork:
                 total = weighted_sum(factors[params[0]], grads)
                 yield from zip(params, total.split([p.numel() for p in params]))
         while self.ruled:
-            rec, names, cache = self.ruled.pop(0)
-            site = rec.site
-            wanted = {n: factors[site.params[n]] for n in names}
-            sums = site.rule.clipped_sum(site.module, rec.saved, rec.g, wanted, cache)
-            rec.saved, rec.g, cache = (), None, None
-            yield from ((site.params[n], s) for n, s in sums.items())
+            stack = self.ruled.pop(0)
+            sites, rule, module = stack.sites, stack.sites[0].rule, stack.sites[0].module
+            if len(sites) == 1:
+                wanted = {n: factors[sites[0].params[n]] for n in stack.names}
+                sums = {n: [s] for n, s in rule.clipped_sum(module, stack.saved, stack.g, wanted, stack.cache).items()}
+            else:
+                wanted = {n: torch.cat([factors[s.params[n]] for s in sites]) for n in stack.names}
+                sums = rule.stacked_clipped_sum(module, stack.saved, stack.g, wanted, stack.cache, len(sites))
+            stack.saved, stack.g, stack.cache = (), None, None
+            for n, per_call in sums.items():
+                yield from zip((s.params[n] for s in sites), per_call)
 
 
 def _release_frozen(records: list[Record]) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from .registry import (
     scale_examples,
     sq_norm,
     weighted_sum,
+    weighted_sums,
 )
 
 
@@ -99,14 +100,15 @@ def ghost_sq_norm(a: Tensor, g: Tensor) -> Tensor:
                          ).reshape(batch)
 
 
-def scaled_outer_sum(factor: Tensor, g: Tensor, a: Tensor) -> Tensor:
-    """``sum_i factor_i g_i^T a_i`` for g: (B, T, p), a: (B, T, d), scaling whichever side is narrower."""
+def scaled_outer_sum(factor: Tensor, g: Tensor, a: Tensor, calls: int = 1) -> Tensor:
+    """``sum_i factor_i g_i^T a_i`` for g: (B, T, p), a: (B, T, d), scaling whichever side is narrower; of each of
+    ``calls`` stacked calls (see ``LayerRule.stack_key``): (calls, p, d)."""
     a = cast(a, g.dtype)
     if a.shape[-1] <= g.shape[-1]:
         a = scale_examples(a, factor)
     else:
         g = scale_examples(g, factor)
-    return g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+    return torch.bmm(g.reshape(calls, -1, g.shape[-1]).transpose(1, 2), a.reshape(calls, -1, a.shape[-1]))
 
 
 def _flat(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -155,9 +157,27 @@ class LinearRule(LayerRule):
             if cache["weight"] is not None:
                 out["weight"] = weighted_sum(factors["weight"], cache["weight"])
             else:
-                out["weight"] = scaled_outer_sum(factors["weight"], gf, a)
+                out["weight"] = scaled_outer_sum(factors["weight"], gf, a)[0]
         if "bias" in factors:
             out["bias"] = weighted_sum(factors["bias"], cache["bias"])
+        return out
+
+    def stack_key(self, layer: nn.Linear, saved: Saved, g: Tensor) -> Hashable:
+        x = saved[0]  # norms and per-example gradients read the shapes only
+        return x.shape, x.dtype, x.device, g.shape, g.dtype
+
+    def stacked_clipped_sum(
+        self, layer: nn.Linear, saved: Saved, g: Tensor, factors: dict[str, Tensor], cache: Any, calls: int
+    ) -> dict[str, Tensor]:
+        a, gf = _flat(saved[0], g)
+        out = {}
+        if "weight" in factors:
+            if cache["weight"] is not None:
+                out["weight"] = weighted_sums(factors["weight"], cache["weight"], calls)
+            else:
+                out["weight"] = scaled_outer_sum(factors["weight"], gf, a, calls)
+        if "bias" in factors:
+            out["bias"] = weighted_sums(factors["bias"], cache["bias"], calls)
         return out
 
     def per_sample(self, layer: nn.Linear, saved: Saved, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
@@ -184,6 +204,11 @@ class TransposedLinearRule(LinearRule):
         self, layer: nn.Module, saved: Saved, g: Tensor, factors: dict[str, Tensor], cache: Any
     ) -> dict[str, Tensor]:
         return _transposed(super().clipped_sum(layer, saved, g, factors, cache), 0)
+
+    def stacked_clipped_sum(
+        self, layer: nn.Module, saved: Saved, g: Tensor, factors: dict[str, Tensor], cache: Any, calls: int
+    ) -> dict[str, Tensor]:
+        return _transposed(super().stacked_clipped_sum(layer, saved, g, factors, cache, calls), 1)
 
     def per_sample(self, layer: nn.Module, saved: Saved, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
         return _transposed(super().per_sample(layer, saved, g, names), 1)

@@ -17,7 +17,7 @@ the loss with respect to the layer's output, the rule answers:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -74,6 +74,20 @@ class LayerRule:
         return {n: weighted_sum(factors[n], grads[n]) for n in factors}
 
     def per_sample(self, layer: nn.Module, saved: Saved, g: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def stack_key(self, layer: nn.Module, saved: Saved, g: Tensor) -> Hashable | None:
+        """Calls with equal keys may be computed as one (None, the default: never): their saved tensors and output
+        gradients stacked along dim 0 (call l's example i in row l * B + i), any of their layers standing for all in
+        ``norms`` and ``per_sample``, and :meth:`stacked_clipped_sum` taking the sums. The key must therefore fix
+        everything those two read of the layer and of the tensors' shapes."""
+        return None
+
+    def stacked_clipped_sum(
+        self, layer: nn.Module, saved: Saved, g: Tensor, factors: dict[str, Tensor], cache: Any, calls: int
+    ) -> dict[str, Tensor]:
+        """``clipped_sum`` of ``calls`` stacked calls (see :meth:`stack_key`), one factor per row: each sum has a
+        leading dim of ``calls``."""
         raise NotImplementedError
 
 
@@ -166,4 +180,11 @@ def scale_examples(x: Tensor, factor: Tensor) -> Tensor:
 def weighted_sum(factor: Tensor, grads: Tensor) -> Tensor:
     """``sum_i factor_i * grads_i`` over the leading (batch) dim."""
     return torch.einsum("b,b...->...", cast(factor, grads.dtype), grads)
+
+
+def weighted_sums(factor: Tensor, grads: Tensor, calls: int) -> Tensor:
+    """:func:`weighted_sum` of each of ``calls`` stacked calls (rows ``l * B`` to ``(l + 1) * B - 1`` are call l's):
+    ``(calls, *grads.shape[1:])``."""
+    factor = cast(factor, grads.dtype).reshape(calls, -1)
+    return torch.einsum("lb,lb...->l...", factor, grads.reshape(calls, -1, *grads.shape[1:]))
 
