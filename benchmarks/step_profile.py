@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
@@ -40,6 +41,8 @@ from _bench.paths import portable_path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 METHODS = ("sgd", "opacus", "fast-bk")
+#: SGD made to pay what any eager BK engine must and no more (``--floors``, host time only); see :func:`add_floor`
+FLOORS = ("sgd+mode", "sgd+callbacks", "sgd+mode+callbacks")
 LAUNCH_BOUND_VIT = "vit_base_patch16_224:embed_dim=16,num_heads=4"
 
 aten = torch.ops.aten
@@ -146,14 +149,60 @@ def _syncs(func: Any, packet: Any, args: tuple, kwargs: dict, out: Any) -> bool:
     return False
 
 
+class PassThrough(TorchFunctionMode):
+    """Sees every torch call and runs it unchanged: the least that following the batch through a Python mode costs."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
+def add_floor(kind: str, model: torch.nn.Module) -> None:
+    """Make an SGD model pay a floor of the host work of BK in eager mode, doing none of its math.
+
+    ``mode``: every torch call of a model call passes through a ``TorchFunctionMode`` (opacus_fast's batch tracker
+    is one). ``callbacks``: one Python call in forward per layer that opacus_fast captures (it keeps the input), one
+    in backward (it receives the output gradient): no engine can take (x, g) with less.
+    """
+    from opacus_fast.grad_sample import find_rule
+
+    if "mode" in kind:
+        mode = PassThrough()
+
+        def enter(module: torch.nn.Module, args: tuple) -> None:
+            mode.__enter__()
+
+        def leave(module: torch.nn.Module, args: tuple, out: Any) -> None:
+            mode.__exit__(None, None, None)
+
+        model.register_forward_pre_hook(enter)
+        model.register_forward_hook(leave, always_call=True)
+    if "callbacks" in kind:
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def keep(module: torch.nn.Module, args: tuple, out: Any) -> None:
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                out.register_hook(lambda g, x=args[0]: kept.append((x, g)))
+
+        def clear(module: torch.nn.Module, args: tuple) -> None:
+            kept.clear()
+
+        model.register_forward_pre_hook(clear)
+        for module in model.modules():
+            if find_rule(module) is not None and any(p.requires_grad for p in module.parameters(recurse=False)):
+                module.register_forward_hook(keep)
+
+
 def build(method: str, spec: str, *, img_size: int, batch: int, device: str, seed: int) -> tuple:
     """A trainer for ``method`` on ``spec``; logical batches of expected size batch/2, so nearly every logical
     batch is one physical batch (noise at every step, as in the counted step)."""
     torch.manual_seed(seed)
     model = create_model(spec, img_size, 10).to(device).train()
     bank = image_bank(16, img_size, seed, device, torch.float32)
-    trainer = make_trainer(method, model, IndexDataset(50_000, 10), logical=max(1, batch // 2), physical=batch,
-                           noise_multiplier=1.0, max_grad_norm=1.0, lr=1e-3, seed=seed)
+    trainer = make_trainer("sgd" if method in FLOORS else method, model, IndexDataset(50_000, 10),
+                           logical=max(1, batch // 2), physical=batch, noise_multiplier=1.0, max_grad_norm=1.0,
+                           lr=1e-3, seed=seed)
+    if method in FLOORS:
+        add_floor(method, trainer.model)
     return trainer, bank
 
 
@@ -212,7 +261,7 @@ def host_times(spec: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]
 
 def _host_times(spec: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     trainers = {}
-    for method in args.methods:
+    for method in [*args.methods, *(FLOORS if args.floors else ())]:
         try:
             trainer, bank = build(method, spec, img_size=args.launch_img_size, batch=args.launch_batch,
                                   device=args.device, seed=args.seed)
@@ -344,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--launch-img-size", type=int, default=32,
         help="image side of the launch-bound copies (default 32: 5 tokens for patch 16)")
     add("--launch-batch", type=int, default=4, help="physical batch of the launch-bound copies (default 4)")
+    add("--floors", action="store_true",
+        help=f"also time {', '.join(FLOORS)} on the launch-bound copies: SGD paying a floor of BK's host work in "
+             "eager mode (a pass-through TorchFunctionMode around the model call; one Python callback per captured "
+             "layer in forward and one in backward), doing none of its math")
     add("--rounds", type=int, default=15, help="interleaved timing rounds per method (default 15)")
     add("--steps", type=int, default=10, help="steps timed per round (default 10)")
     add("--top", type=int, default=15, help="most frequent ops kept per method (default 15)")

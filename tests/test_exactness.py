@@ -249,6 +249,7 @@ class SameShapeLayers(nn.Module):
 def test_stacked_layers_exact(tokens: int, run: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Calls stacked across layers give each layer its own exact clipped sum, under flat and per-layer clipping."""
     monkeypatch.setattr(bk, "STACK_BYTES", run * 2 * 3 * tokens * 6 * 8)
+    monkeypatch.setattr(bk, "STACK_FRACTION", 0)
     sizes: list[int] = []
     of = bk._Stack.of.__func__
     monkeypatch.setattr(bk._Stack, "of", classmethod(lambda cls, recs, names: sizes.append(len(recs)) or
@@ -272,3 +273,16 @@ def test_stacked_layers_exact(tokens: int, run: int, monkeypatch: pytest.MonkeyP
     for n, p in params.items():
         err = (p.summed_grad - expected[n]).norm() / expected[n].norm()
         assert err <= RTOL, f"{n}: relative error {err:.2e}"
+
+
+def test_stacks_hold_at_most_a_fraction_of_the_saved_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stack is a copy made while its calls' tensors are held: it is bounded by a fraction of all saved bytes."""
+    monkeypatch.setattr(bk, "STACK_BYTES", 1)
+    monkeypatch.setattr(bk, "STACK_FRACTION", 1 / 3)  # six equal calls: a third of them is two
+    sizes: list[int] = []
+    of = bk._Stack.of.__func__
+    monkeypatch.setattr(bk._Stack, "of", classmethod(lambda cls, recs, names: sizes.append(len(recs)) or
+                                                     of(cls, recs, names)))
+    torch.manual_seed(0)
+    assert_exact(SameShapeLayers().double(), torch.randn(4, 5, 6, dtype=torch.float64))
+    assert max(sizes) == 2

@@ -347,7 +347,7 @@ class BKEngine:
                      batch: int) -> None:
         """Record a rule layer's call whose rows hold the examples as ``layout`` says (None: dim 0 as it is)."""
         rule = site.rule
-        if layout is not None and layout != Batch(0):
+        if layout is not None and (layout.dim or layout.outer != 1 or layout.inner != 1):  # not Batch(0)
             if rule.tokenwise:
                 saved = tuple(to_batch_first(t, layout, batch) for t in saved)
                 g = to_batch_first(g, layout, batch)
@@ -489,10 +489,13 @@ class BKEngine:
 #: squared norms and clipped sum are one kernel each (biases and norm layers: two kernels per parameter otherwise);
 #: larger ones (a tied embedding's) are handled alone, not to hold them twice
 BLOCK_NUMEL = 2**20
-#: calls of one rule with equal ``stack_key`` (a ViT's 12 qkv layers) are stacked into one computation, as many as
-#: fit in this many bytes of saved tensors and output gradients: a few kernels for all of them instead of a few per
-#: layer where launches cost the most (small tensors), and a bounded extra copy where they do not
-STACK_BYTES = 2**27
+#: calls of one rule with equal ``stack_key`` (a ViT's 12 qkv layers) are stacked into one computation: a few kernels
+#: for all of them instead of a few per layer. A stack is a copy of its calls' saved tensors and output gradients
+#: made while they are still held, so it may hold at most this fraction of all the backward's saved bytes (the peak
+#: grows by at most that much) or ``STACK_BYTES``, whichever is more: small models, whose steps launches dominate,
+#: stack whole.
+STACK_FRACTION = 1 / 16
+STACK_BYTES = 2**23
 
 
 @dataclass(eq=False)
@@ -527,13 +530,13 @@ def _stack_bytes(rec: Record) -> int:
     return sum(t.numel() * t.element_size() for t in (*rec.saved, rec.g))
 
 
-def _stacks(records: list[Record]) -> list[list[Record]]:
-    """``records`` of one stack key in runs of at most ``STACK_BYTES`` (a record larger than that alone)."""
+def _stacks(records: list[Record], budget: int) -> list[list[Record]]:
+    """``records`` of one stack key in runs of at most ``budget`` bytes (a record larger than that alone)."""
     runs: list[list[Record]] = [[]]
     size = 0
     for rec in records:
         size += _stack_bytes(rec)
-        if runs[-1] and size > STACK_BYTES:
+        if runs[-1] and size > budget:
             runs.append([])
             size = _stack_bytes(rec)
         runs[-1].append(rec)
@@ -585,9 +588,11 @@ class _ClippingWork:
             for n in repeated:
                 p = site.params[n]
                 multi[p] = grads[n] if p not in multi else multi[p] + grads[n]
+        saved = sum(_stack_bytes(rec) for rec in records if not rec.per_sample)
+        budget = max(STACK_BYTES, int(saved * STACK_FRACTION))
         for key, same in stackable.items():
             names, small = (list(key[1]), list(key[2])) if isinstance(key, tuple) else (None, None)
-            for run in _stacks(same):
+            for run in _stacks(same, budget):
                 if names is None:
                     site = run[0].site
                     names = [n for n in site.params if n not in site.rule.per_example_params]

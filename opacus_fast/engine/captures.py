@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..grad_sample import cast
 from . import refusals
 from .layout import Batch
 from .planning import Site
@@ -31,6 +32,8 @@ Tensor = torch.Tensor
 
 def _amp_state(x: Tensor) -> tuple[str, torch.dtype] | None:
     """The autocast state of the forward (None when autocast is off), for the input gradient in backward."""
+    if not torch._C._is_any_autocast_enabled():  # the usual case, in one cheap call
+        return None
     dev = x.device.type
     return (dev, torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None
 
@@ -87,7 +90,7 @@ def _input_grad(ctx, site: Site, saved: tuple[Tensor, ...], g: Tensor) -> Tensor
     else:
         with torch.autocast(ctx.amp[0], dtype=ctx.amp[1]):
             grad_x = site.rule.input_grad(site.module, saved, g)
-    return grad_x.to(ctx.x_dtype)
+    return cast(grad_x, ctx.x_dtype)
 
 
 def _root_backward(ctx, engine: BKEngine, site: Site, saved: tuple[Tensor, ...], root: Root,

@@ -293,6 +293,30 @@ class ModelCall:
                 root.add(grad)
 
 
+class _Paused:
+    """The context of :meth:`BatchTracker.paused` (a class, not a generator: it is entered several times per layer)."""
+
+    __slots__ = ("popped", "tracker")
+
+    def __init__(self, tracker: BatchTracker) -> None:
+        self.tracker = tracker
+        self.popped = False
+
+    def __enter__(self) -> None:
+        tracker = self.tracker
+        if torch._C._len_torch_function_stack() and torch.overrides._get_current_function_mode() is tracker:
+            torch._C._pop_torch_function_stack()
+            self.popped = True
+        else:
+            tracker._paused += 1
+
+    def __exit__(self, *exc: object) -> None:
+        if self.popped:
+            torch._C._push_on_torch_function_stack(self.tracker)
+        else:
+            self.tracker._paused -= 1
+
+
 # ---- the tracker ----------------------------------------------------------------------------------------------------
 class BatchTracker(TorchFunctionMode):
     """Follows the batch through every torch operation of a model call and rewrites where shared tensors meet it."""
@@ -303,22 +327,10 @@ class BatchTracker(TorchFunctionMode):
         self.call: ModelCall | None = None
         self._paused = 0
 
-    @contextmanager
-    def paused(self) -> Iterator[None]:
+    def paused(self) -> _Paused:
         """Leave the operations inside untracked (the engine's own computations): the mode is taken off the stack
         when it is on top (then torch does not call it at all), else told to pass them through."""
-        if torch._C._len_torch_function_stack() and torch.overrides._get_current_function_mode() is self:
-            torch._C._pop_torch_function_stack()
-            try:
-                yield
-            finally:
-                torch._C._push_on_torch_function_stack(self)
-            return
-        self._paused += 1
-        try:
-            yield
-        finally:
-            self._paused -= 1
+        return _Paused(self)
 
     @contextmanager
     def model_call(self, args: tuple, kwargs: dict, batch_dim: int, rows: int | None) -> Iterator[ModelCall | None]:
@@ -369,6 +381,10 @@ class BatchTracker(TorchFunctionMode):
         found = self._scan(call, args, kwargs)
         if not found:
             return func(*args, **kwargs)
+        if len(found) == 1 and type(found[0][1]) is Batch and call.batch != 1 and func not in _TRANSPARENT:
+            out = func(*args, **kwargs)  # the usual case: one operand from the batch, no parameter, nothing shared
+            self._tag_outputs(call, func, name, args, kwargs, out, found, ())
+            return out
         grad = torch.is_grad_enabled()
         if grad and func in _TRANSPARENT:
             return self._transparent(func, args, kwargs)
@@ -390,23 +406,15 @@ class BatchTracker(TorchFunctionMode):
     # ---- scanning and tagging ---------------------------------------------------------------------------------------
     def _scan(self, call: ModelCall, args: tuple, kwargs: dict) -> list[tuple[Tensor, Tag | None]]:
         """The operands that matter: tagged tensors of this call, and trainable parameters (tag None)."""
-        found = []
+        found: list[tuple[Tensor, Tag | None]] = []
         params = self.engine.known
-        for a in (*args, *kwargs.values()):
+        for a in (*args, *kwargs.values()) if kwargs else args:
             if isinstance(a, Tensor):
-                items: Sequence[Any] = (a,)
+                _note(found, call, params, a)
             elif isinstance(a, (list, tuple)):
-                items = a
-            else:
-                continue
-            for t in items:
-                if not isinstance(t, Tensor):
-                    continue
-                tag = call.tag(t)
-                if tag is not None:
-                    found.append((t, tag))
-                elif isinstance(t, nn.Parameter) and id(t) in params:
-                    found.append((t, None))
+                for t in a:
+                    if isinstance(t, Tensor):
+                        _note(found, call, params, t)
         return found
 
     def _alias_params(self, call: ModelCall, args: tuple, kwargs: dict, found: list) -> tuple[tuple, dict, list]:
@@ -433,9 +441,10 @@ class BatchTracker(TorchFunctionMode):
         outs = _tensors(out) if out is not None else ([args[0]] if name == "__setitem__" else [])
         if not outs:
             return
-        mixed = next((tag for _, tag in batch if isinstance(tag, Untracked) and tag.mixed), None)
-        if mixed is not None and any(isinstance(tag, Batch) for _, tag in batch):
-            raise refusals.mixes_examples(describe_op(func), mixed.why)
+        if len(batch) > 1:  # an operand whose rows mix examples may not meet one that keeps them apart
+            mixed = next((tag for _, tag in batch if isinstance(tag, Untracked) and tag.mixed), None)
+            if mixed is not None and any(isinstance(tag, Batch) for _, tag in batch):
+                raise refusals.mixes_examples(describe_op(func), mixed.why)
         if batch:
             if len(batch) == 1 and len(outs) == 1 and isinstance(batch[0][1], Batch) and not has_rule(func, name) \
                     and outs[0].shape == batch[0][0].shape:  # the common elementwise case: layout unchanged
@@ -662,6 +671,16 @@ class BatchTracker(TorchFunctionMode):
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------
+def _note(found: list, call: ModelCall, params: frozenset[int], t: Tensor) -> None:
+    """Add ``t`` to ``found`` if it matters (see ``BatchTracker._scan``): ``call``'s tag inlined, as it runs on
+    every operand of every operation."""
+    stamp = getattr(t, _TAG, None)
+    if stamp is not None and stamp.call is call:
+        found.append((t, stamp.tag))
+    elif id(t) in params and isinstance(t, nn.Parameter):
+        found.append((t, None))
+
+
 def _tensors(out: Any) -> list[Tensor]:
     if isinstance(out, Tensor):
         return [out]

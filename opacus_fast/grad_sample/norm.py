@@ -13,14 +13,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .registry import LayerRule, Saved, Tensor, cast, register_rule
+from .registry import LayerRule, Saved, Tensor, cast, norm_dtype, register_rule
 
 aten = torch.ops.aten
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """Norm layers run in at least float32 (as under autocast)."""
-    return torch.promote_types(x.dtype, torch.float32)
+    return norm_dtype(x.dtype)
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
