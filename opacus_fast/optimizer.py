@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -375,6 +376,11 @@ def filled_buffers(current: list[torch.Tensor | None], sums: list[torch.Tensor |
 #: the noise is drawn in flat buffers of at most this many elements (a few kernels for all parameters, with a bounded
 #: extra memory)
 NOISE_BUCKET_NUMEL = 2**24
+#: on the CPU a larger draw is made in chunks of this many elements, each from its own generator seeded from the
+#: caller's, drawn in parallel on torch's intra-op threads: one Mersenne Twister draws about 130 M/s (85 ms for
+#: ResNet-18's 11 M parameters, half an SGD step). The chunks do not depend on the thread count, so a seed gives the
+#: same noise on any machine.
+NOISE_CHUNK_NUMEL = 2**21
 
 
 def add_gaussian_noise(
@@ -413,10 +419,38 @@ def gaussian_noise(
             shape_of = torch.empty((), device=device, dtype=dtype).expand(total)
             noise = _generate_noise(std=std, reference=shape_of, generator=generator, secure_mode=True)
         else:
-            noise = torch.normal(0.0, std, size=(total,), generator=generator, device=device, dtype=dtype)
+            noise = _normal(total, std, generator, device, dtype)
         for i, view in zip(indices, _unflatten_dense_tensors(noise, [like[i] for i in indices])):
             out[i] = view
     return out
+
+
+def _normal(total: int, std: float, generator: torch.Generator | None, device: torch.device,
+            dtype: torch.dtype) -> torch.Tensor:
+    """``total`` independent N(0, std²) draws: in one call, or on the CPU in ``NOISE_CHUNK_NUMEL`` chunks drawn in
+    parallel, each from a generator seeded by one draw of ``generator``."""
+    if device.type != "cpu" or total <= NOISE_CHUNK_NUMEL:
+        return torch.normal(0.0, std, size=(total,), generator=generator, device=device, dtype=dtype)
+    out = torch.empty(total, device=device, dtype=dtype)
+    chunks = out.split(NOISE_CHUNK_NUMEL)
+    seeds = torch.randint(0, 2**62, (len(chunks),), generator=generator).tolist()
+
+    def fill(i: int) -> None:
+        chunks[i].normal_(0.0, std, generator=torch.Generator().manual_seed(seeds[i]))
+
+    list(_threads().map(fill, range(len(chunks))))  # list(): a worker's exception is raised here
+    return out
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _threads() -> ThreadPoolExecutor:
+    """A pool of as many threads as torch's intra-op threads (torch releases the GIL while it draws)."""
+    workers = max(1, torch.get_num_threads())
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="opacus_fast_noise")
+    return _POOLS[workers]
 
 
 def check_savable(data_loader: Any) -> None:

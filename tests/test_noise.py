@@ -21,11 +21,14 @@ def _draw(std: float, secure_mode: bool, seed: int = 3) -> list[torch.Tensor]:
     return tensors
 
 
+@pytest.mark.parametrize("chunk", [2**21, 1000], ids=["one_stream", "parallel_chunks"])
 @pytest.mark.parametrize("bucket", [2**24, 5000], ids=["one_bucket", "several_buckets"])
 @pytest.mark.parametrize("secure_mode", [False, True])
-def test_flat_noise_is_normal_with_the_given_std(secure_mode: bool, bucket: int, monkeypatch) -> None:
-    """Also with buckets smaller than some parameters (those are drawn alone) and than their sum."""
+def test_flat_noise_is_normal_with_the_given_std(secure_mode: bool, bucket: int, chunk: int, monkeypatch) -> None:
+    """Also with buckets smaller than some parameters (those are drawn alone) and than their sum, and drawn in
+    parallel chunks from generators of their own."""
     monkeypatch.setattr(opacus_fast.optimizer, "NOISE_BUCKET_NUMEL", bucket)
+    monkeypatch.setattr(opacus_fast.optimizer, "NOISE_CHUNK_NUMEL", chunk)
     std = 2.5
     tensors = _draw(std, secure_mode)
     values = torch.cat([t.reshape(-1).double() for t in tensors])
@@ -115,3 +118,27 @@ def test_cleared_and_zeroed_gradients_get_the_same_noisy_step(bucket: int, monke
     for cleared, zeroed in zip(grads[True], grads[False]):
         for a, b in zip(cleared, zeroed):
             assert torch.equal(a, b)
+
+
+def test_parallel_chunks_are_independent_and_reproducible_on_any_thread_count(monkeypatch) -> None:
+    """Chunks drawn in parallel come from generators seeded by the caller's: the same seed gives the same noise with
+    one thread or several, the chunks are uncorrelated, and the caller's generator moves on (the next draw differs)."""
+    monkeypatch.setattr(opacus_fast.optimizer, "NOISE_CHUNK_NUMEL", 20_000)
+    threads = torch.get_num_threads()
+    draws = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            gen = torch.Generator().manual_seed(7)
+            first, second = torch.zeros(100_000), torch.zeros(100_000)
+            add_gaussian_noise([first], 1.0, gen, False)
+            add_gaussian_noise([second], 1.0, gen, False)
+            draws.append((first, second))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+    first, second = draws[0]
+    chunks = first.view(5, 20_000)
+    bound = 5 / math.sqrt(20_000)
+    corr = torch.corrcoef(torch.cat([chunks, second.view(5, 20_000)]))
+    assert (corr - torch.eye(10)).abs().max().item() < bound
