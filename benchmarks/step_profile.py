@@ -385,9 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--threads", type=int, default=0, help="torch.set_num_threads for the counted steps (default: torch's)")
     add("--host-threads", type=int, default=1,
         help="torch.set_num_threads while timing the launch-bound copies (default 1: no thread start-up in the time)")
-    add("--gram-split-as", choices=["cpu", "cuda"],
-        help="make opacus_fast split Gram matrices as it does on this device type (default: the device's own), e.g. "
-             "to count on the CPU the kernels that a GPU step launches")
+    add("--launch-policy-as", "--gram-split-as", dest="launch_policy_as", choices=["cpu", "cuda"],
+        help="make opacus_fast weigh kernel launches against FLOPs and copies as it does on this device type "
+             "(where it splits Gram matrices, which layer calls it stacks; default: the device's own), e.g. to "
+             "count on the CPU the kernels that a GPU step launches")
     add("--launch-bound", nargs="*", default=[LAUNCH_BOUND_VIT], metavar="MODEL",
         help=f"models whose host time per step is measured (default: {LAUNCH_BOUND_VIT}); none to skip")
     add("--launch-img-size", type=int, default=32,
@@ -423,10 +424,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "command": " ".join(["python", "benchmarks/step_profile.py", *(portable_path(a, keep=1) for a in argv)]),
             "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
             "opacus": opacus.__version__, "timm": timm.__version__}
-    if args.gram_split_as:
+    if args.launch_policy_as:
+        from opacus_fast.engine import bk
         from opacus_fast.grad_sample import linear
 
-        linear.LAUNCH_FLOPS[args.device] = linear.LAUNCH_FLOPS[args.gram_split_as]
+        linear.LAUNCH_FLOPS[args.device] = linear.LAUNCH_FLOPS[args.launch_policy_as]
+        bk.STACK_CALL_BYTES[args.device] = bk.STACK_CALL_BYTES[args.launch_policy_as]
     results = profile(args)
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
     slug = "-".join(filter(None, slug.split("-")))[:40]

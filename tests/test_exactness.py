@@ -250,6 +250,7 @@ def test_stacked_layers_exact(tokens: int, run: int, monkeypatch: pytest.MonkeyP
     """Calls stacked across layers give each layer its own exact clipped sum, under flat and per-layer clipping."""
     monkeypatch.setattr(bk, "STACK_BYTES", run * 2 * 3 * tokens * 6 * 8)
     monkeypatch.setattr(bk, "STACK_FRACTION", 0)
+    monkeypatch.setitem(bk.STACK_CALL_BYTES, "cpu", 2**30)
     sizes: list[int] = []
     of = bk._Stack.of.__func__
     monkeypatch.setattr(bk._Stack, "of", classmethod(lambda cls, recs, names: sizes.append(len(recs)) or
@@ -279,6 +280,7 @@ def test_stacks_hold_at_most_a_fraction_of_the_saved_bytes(monkeypatch: pytest.M
     """A stack is a copy made while its calls' tensors are held: it is bounded by a fraction of all saved bytes."""
     monkeypatch.setattr(bk, "STACK_BYTES", 1)
     monkeypatch.setattr(bk, "STACK_FRACTION", 1 / 3)  # six equal calls: a third of them is two
+    monkeypatch.setitem(bk.STACK_CALL_BYTES, "cpu", 2**30)
     sizes: list[int] = []
     of = bk._Stack.of.__func__
     monkeypatch.setattr(bk._Stack, "of", classmethod(lambda cls, recs, names: sizes.append(len(recs)) or
@@ -286,3 +288,16 @@ def test_stacks_hold_at_most_a_fraction_of_the_saved_bytes(monkeypatch: pytest.M
     torch.manual_seed(0)
     assert_exact(SameShapeLayers().double(), torch.randn(4, 5, 6, dtype=torch.float64))
     assert max(sizes) == 2
+
+
+def test_calls_too_large_to_copy_cheaply_are_not_stacked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copying a call into a stack must cost less than the launches it saves: larger calls are computed alone."""
+    x = torch.randn(4, 5, 6, dtype=torch.float64)
+    monkeypatch.setitem(bk.STACK_CALL_BYTES, "cpu", 2 * x.numel() * 8 - 1)  # saved input + output gradient
+    sizes: list[int] = []
+    of = bk._Stack.of.__func__
+    monkeypatch.setattr(bk._Stack, "of", classmethod(lambda cls, recs, names: sizes.append(len(recs)) or
+                                                     of(cls, recs, names)))
+    torch.manual_seed(0)
+    assert_exact(SameShapeLayers().double(), x)
+    assert sizes and max(sizes) == 1

@@ -496,6 +496,12 @@ BLOCK_NUMEL = 2**20
 #: stack whole.
 STACK_FRACTION = 1 / 16
 STACK_BYTES = 2**23
+#: a call is stacked only where copying it costs less than the launches that stacking saves it (about ten: its norm
+#: and clipped-sum kernels): its saved tensors and output gradient may hold at most this many bytes per device type,
+#: the bytes copied in the host time of ten launches (CPU: ~10 GB/s for ~10 µs each; CUDA, estimated for an H200:
+#: ~4 TB/s for ~5 µs), for other device types too. A ViT-B/16 layer at batch 64 in bf16 (19–58 MB) is stacked on a
+#: GPU; vit_tiny's at batch 64 on a CPU (3–13 MB) is not, a launch-bound copy's (a few KB) is.
+STACK_CALL_BYTES = {"cpu": 10 * 100_000, "cuda": 10 * 20_000_000}
 
 
 @dataclass(eq=False)
@@ -528,6 +534,11 @@ class _Stack:
 
 def _stack_bytes(rec: Record) -> int:
     return sum(t.numel() * t.element_size() for t in (*rec.saved, rec.g))
+
+
+def _worth_stacking(rec: Record) -> bool:
+    """Whether copying ``rec`` into a stack costs less than the launches that saves (see ``STACK_CALL_BYTES``)."""
+    return _stack_bytes(rec) <= STACK_CALL_BYTES.get(rec.g.device.type, STACK_CALL_BYTES["cuda"])
 
 
 def _stacks(records: list[Record], budget: int) -> list[list[Record]]:
@@ -576,7 +587,7 @@ class _ClippingWork:
                 small = [n for n in single if n in site.rule.per_example_params]
                 ruled = [n for n in single if n not in small]
                 if ruled and not repeated:
-                    key = site.rule.stack_key(site.module, rec.saved, rec.g)
+                    key = site.rule.stack_key(site.module, rec.saved, rec.g) if _worth_stacking(rec) else None
                     stackable[(site.rule, tuple(ruled), tuple(small), key) if key is not None else rec].append(rec)
                     continue
                 if ruled:
