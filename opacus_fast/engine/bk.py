@@ -630,13 +630,13 @@ class _ClippingWork:
         shared: dict[torch.device, list[tuple[nn.Parameter, Tensor]]] = defaultdict(list)
         alone = []
         for p, grad in self.examples:
-            if grad[0].numel() <= BLOCK_NUMEL:
+            if grad.numel() <= BLOCK_NUMEL * grad.shape[0]:  # per example (the batch is not empty here)
                 shared[grad.device].append((p, grad))
             else:
                 alone.append([(p, grad)])
         blocks = []
         for block in [*shared.values(), *alone]:
-            flat = [grad.reshape(grad.shape[0], -1) for _, grad in block]
+            flat = [grad if grad.dim() == 2 else grad.reshape(grad.shape[0], -1) for _, grad in block]
             blocks.append(([p for p, _ in block], flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)))
         return blocks
 
