@@ -301,3 +301,38 @@ def test_calls_too_large_to_copy_cheaply_are_not_stacked(monkeypatch: pytest.Mon
     torch.manual_seed(0)
     assert_exact(SameShapeLayers().double(), x)
     assert sizes and max(sizes) == 1
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_parameters_frozen_after_attaching_stay_out_of_the_norms(stacked: bool, monkeypatch) -> None:
+    """A bias frozen after attaching, beside a trainable weight, in layers that are stacked and layers computed alone
+    (convolutions, and Linear calls too large to stack): its gradient is neither clipped nor counted in the norms."""
+    if not stacked:
+        monkeypatch.setitem(bk.STACK_CALL_BYTES, "cpu", 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Tanh(), nn.Flatten(1), nn.Linear(56, 6), nn.Tanh(),
+                          nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6)).double()
+    x = torch.randn(5, 2, 16, dtype=torch.float64)
+    biases = [model[i].bias for i in (0, 3, 5)]
+    for b in biases:
+        b.requires_grad_(False)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    norms = torch.stack([  # each example's norm over the trainable parameters (batch-of-one backward passes)
+        torch.sqrt(sum(g.pow(2).sum() for g in torch.autograd.grad(l1_loss(model(x[i:i + 1]), "sum"),
+                                                                   list(params.values()))))
+        for i in range(len(x))])
+    bound = median_bound(norms)
+    expected = loop_clipped_sum(model, x, bound)
+    for b in biases:
+        b.requires_grad_(True)
+    engine = BKEngine(model, bound=ClipBound(bound), loss_reduction="sum")
+    try:
+        for b in biases:  # frozen after attaching: still among the layers' parameters the engine planned
+            b.requires_grad_(False)
+        l1_loss(model(x), "sum").backward()
+    finally:
+        engine.detach()
+    assert set(expected) == set(params)
+    for name, ref in expected.items():
+        assert (params[name].summed_grad - ref).norm() <= RTOL * ref.norm(), name
+    assert all(getattr(b, "summed_grad", None) is None for b in biases)

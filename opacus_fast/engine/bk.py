@@ -586,9 +586,9 @@ class _ClippingWork:
             else:
                 small = [n for n in single if n in site.rule.per_example_params]
                 ruled = [n for n in single if n not in small]
-                if ruled and not repeated:
+                if ruled and not repeated:  # a call that no other may join is keyed by itself
                     key = site.rule.stack_key(site.module, rec.saved, rec.g) if _worth_stacking(rec) else None
-                    stackable[(site.rule, tuple(ruled), tuple(small), key) if key is not None else rec].append(rec)
+                    stackable[(site.rule, tuple(ruled), tuple(small), rec if key is None else key)].append(rec)
                     continue
                 if ruled:
                     work.add(_Stack.of([rec], ruled), [])
@@ -601,14 +601,9 @@ class _ClippingWork:
                 multi[p] = grads[n] if p not in multi else multi[p] + grads[n]
         saved = sum(_stack_bytes(rec) for rec in records if not rec.per_sample)
         budget = max(STACK_BYTES, int(saved * STACK_FRACTION))
-        for key, same in stackable.items():
-            names, small = (list(key[1]), list(key[2])) if isinstance(key, tuple) else (None, None)
+        for (_, names, small, _), same in stackable.items():
             for run in _stacks(same, budget):
-                if names is None:
-                    site = run[0].site
-                    names = [n for n in site.params if n not in site.rule.per_example_params]
-                    small = [n for n in site.params if n in site.rule.per_example_params]
-                work.add(_Stack.of(run, names), small)
+                work.add(_Stack.of(run, list(names)), list(small))
         work.examples += multi.items()
         return work
 
