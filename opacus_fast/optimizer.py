@@ -9,6 +9,7 @@ scales, calls the accountant hook and steps. As in Opacus, ``p.summed_grad`` sta
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -442,15 +443,16 @@ def _normal(total: int, std: float, generator: torch.Generator | None, device: t
     return out
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def _threads() -> ThreadPoolExecutor:
-    """A pool of as many threads as torch's intra-op threads (torch releases the GIL while it draws)."""
-    workers = max(1, torch.get_num_threads())
-    if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="opacus_fast_noise")
-    return _POOLS[workers]
+    """A pool of as many threads as torch's intra-op threads (torch releases the GIL while it draws), per process: a
+    forked child (a rank, a worker) has none of its parent's threads, so it gets a pool of its own."""
+    key = (os.getpid(), max(1, torch.get_num_threads()))
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(key[1], thread_name_prefix="opacus_fast_noise")
+    return _POOLS[key]
 
 
 def check_savable(data_loader: Any) -> None:

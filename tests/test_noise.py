@@ -142,3 +142,26 @@ def test_parallel_chunks_are_independent_and_reproducible_on_any_thread_count(mo
     bound = 5 / math.sqrt(20_000)
     corr = torch.corrcoef(torch.cat([chunks, second.view(5, 20_000)]))
     assert (corr - torch.eye(10)).abs().max().item() < bound
+
+
+def test_parallel_chunks_are_drawn_in_a_forked_child(monkeypatch) -> None:
+    """A process forked after drawing in parallel (a rank, a worker) has none of its parent's threads: it must still
+    draw, with the same noise for the same seed."""
+    import multiprocessing
+
+    monkeypatch.setattr(opacus_fast.optimizer, "NOISE_CHUNK_NUMEL", 1000)
+    parent = torch.zeros(5000)
+    add_gaussian_noise([parent], 1.0, torch.Generator().manual_seed(3), False)  # the parent's pool now exists
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+
+    def child() -> None:
+        t = torch.zeros(5000)
+        add_gaussian_noise([t], 1.0, torch.Generator().manual_seed(3), False)
+        queue.put(t.numpy())
+
+    process = context.Process(target=child)
+    process.start()
+    drawn = queue.get(timeout=60)
+    process.join(timeout=60)
+    assert process.exitcode == 0 and torch.equal(torch.from_numpy(drawn), parent)

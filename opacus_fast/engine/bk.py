@@ -533,7 +533,7 @@ class _Stack:
 
 
 def _stack_bytes(rec: Record) -> int:
-    return sum(t.numel() * t.element_size() for t in (*rec.saved, rec.g))
+    return sum(t.numel() * t.element_size() for t in (*rec.saved, rec.g) if isinstance(t, Tensor))
 
 
 def _worth_stacking(rec: Record) -> bool:
@@ -618,6 +618,7 @@ class _ClippingWork:
             grads = site.rule.per_sample(site.module, stack.saved, stack.g, small)
             for n in small:
                 self.examples += zip((s.params[n] for s in stack.sites), stack.per_call(grads[n]))
+
     @functools.cached_property
     def blocks(self) -> list[tuple[list[nn.Parameter], Tensor]]:
         """``examples`` as blocks whose norms and sums are computed together: (parameters, their per-example
