@@ -536,20 +536,22 @@ def _stack_bytes(rec: Record) -> int:
     return sum(t.numel() * t.element_size() for t in (*rec.saved, rec.g) if isinstance(t, Tensor))
 
 
-def _worth_stacking(rec: Record) -> bool:
-    """Whether copying ``rec`` into a stack costs less than the launches that saves (see ``STACK_CALL_BYTES``)."""
-    return _stack_bytes(rec) <= STACK_CALL_BYTES.get(rec.g.device.type, STACK_CALL_BYTES["cuda"])
+def _worth_stacking(rec: Record, size: int) -> bool:
+    """Whether copying ``rec`` (``size`` bytes) into a stack costs less than the launches that saves (see
+    ``STACK_CALL_BYTES``)."""
+    return size <= STACK_CALL_BYTES.get(rec.g.device.type, STACK_CALL_BYTES["cuda"])
 
 
-def _stacks(records: list[Record], budget: int) -> list[list[Record]]:
-    """``records`` of one stack key in runs of at most ``budget`` bytes (a record larger than that alone)."""
+def _stacks(records: list[Record], sizes: dict[int, int], budget: int) -> list[list[Record]]:
+    """``records`` of one stack key in runs of at most ``budget`` bytes (a record larger than that alone); ``sizes``:
+    each record's bytes, by ``id``."""
     runs: list[list[Record]] = [[]]
     size = 0
     for rec in records:
-        size += _stack_bytes(rec)
+        size += sizes[id(rec)]
         if runs[-1] and size > budget:
             runs.append([])
-            size = _stack_bytes(rec)
+            size = sizes[id(rec)]
         runs[-1].append(rec)
     return runs
 
@@ -571,23 +573,25 @@ class _ClippingWork:
     @classmethod
     def collect(cls, records: list[Record]) -> _ClippingWork:
         work = cls()
-        uses: dict[nn.Parameter, int] = defaultdict(int)  # frozen since attaching: 0, so neither clipped nor summed
+        uses: dict[int, int] = defaultdict(int)  # by id; frozen since attaching: 0, so neither clipped nor summed
         for rec in records:
             for p in rec.site.params.values():
-                uses[p] += p.requires_grad
+                uses[id(p)] += p.requires_grad
         multi: dict[nn.Parameter, Tensor] = {}
         stackable: dict[Any, list[Record]] = defaultdict(list)
+        sizes = {id(rec): _stack_bytes(rec) for rec in records if not rec.per_sample}
         for rec in records:
             site = rec.site
-            single = [n for n, p in site.params.items() if uses[p] == 1]
-            repeated = [n for n, p in site.params.items() if uses[p] > 1]
+            single = [n for n, p in site.params.items() if uses[id(p)] == 1]
+            repeated = [n for n, p in site.params.items() if uses[id(p)] > 1]
             if rec.per_sample:
                 grads = rec.per_sample
             else:
                 small = [n for n in single if n in site.rule.per_example_params]
                 ruled = [n for n in single if n not in small]
                 if ruled and not repeated:  # a call that no other may join is keyed by itself
-                    key = site.rule.stack_key(site.module, rec.saved, rec.g) if _worth_stacking(rec) else None
+                    worth = _worth_stacking(rec, sizes[id(rec)])
+                    key = site.rule.stack_key(site.module, rec.saved, rec.g) if worth else None
                     stackable[(site.rule, tuple(ruled), tuple(small), rec if key is None else key)].append(rec)
                     continue
                 if ruled:
@@ -599,10 +603,9 @@ class _ClippingWork:
             for n in repeated:
                 p = site.params[n]
                 multi[p] = grads[n] if p not in multi else multi[p] + grads[n]
-        saved = sum(_stack_bytes(rec) for rec in records if not rec.per_sample)
-        budget = max(STACK_BYTES, int(saved * STACK_FRACTION))
+        budget = max(STACK_BYTES, int(sum(sizes.values()) * STACK_FRACTION))
         for (_, names, small, _), same in stackable.items():
-            for run in _stacks(same, budget):
+            for run in _stacks(same, sizes, budget):
                 work.add(_Stack.of(run, list(names)), list(small))
         work.examples += multi.items()
         return work
