@@ -336,3 +336,23 @@ def test_parameters_frozen_after_attaching_stay_out_of_the_norms(stacked: bool, 
     for name, ref in expected.items():
         assert (params[name].summed_grad - ref).norm() <= RTOL * ref.norm(), name
     assert all(getattr(b, "summed_grad", None) is None for b in biases)
+
+
+def test_stacked_layers_under_bf16_autocast_stay_close_to_the_float32_reference(monkeypatch) -> None:
+    """Under autocast the stacked inputs are float32 and the output gradients bfloat16: norms in float32, sums close
+    to the exact ones."""
+    sizes: list[int] = []
+    of = bk._Stack.of.__func__
+    monkeypatch.setattr(bk._Stack, "of", classmethod(lambda cls, recs, names: sizes.append(len(recs)) or
+                                                     of(cls, recs, names)))
+    torch.manual_seed(0)
+    model = SameShapeLayers()
+    x = torch.randn(6, 5, 6)
+    bound = median_bound(reference_clipped_sum(model, x, 1.0)[1])
+    expected = loop_clipped_sum(model, x, bound)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = bk_clipped_sum(model, x, bound)
+    assert max(sizes) > 1
+    for name, ref in expected.items():
+        assert got[name].dtype == torch.float32
+        assert (got[name] - ref).norm() <= 0.05 * ref.norm(), name
