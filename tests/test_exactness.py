@@ -356,3 +356,51 @@ def test_stacked_layers_under_bf16_autocast_stay_close_to_the_float32_reference(
     for name, ref in expected.items():
         assert got[name].dtype == torch.float32
         assert (got[name] - ref).norm() <= 0.05 * ref.norm(), name
+
+
+class SameShapeConvs(nn.Module):
+    """Convolutions of equal geometry and shapes (plain, grouped without a bias, reflect-padded), which the engine
+    stacks, between ones it cannot stack with them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 8, 3, padding=1)
+        self.plain = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1) for _ in range(3)])
+        self.grouped = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False) for _ in range(2)])
+        self.reflect = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect") for _ in range(2)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.stem(x))
+        for layer in (*self.plain, *self.grouped, *self.reflect):
+            x = torch.tanh(layer(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("side", [3, 8])  # 9 positions: ghost norms; 64: instantiated per-example gradients
+def test_stacked_convolutions_exact(side: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Convolutions stacked by geometry give each layer its own exact clipped sum, flat and per layer."""
+    monkeypatch.setitem(bk.STACK_CALL_BYTES, "cpu", 2**30)
+    sizes: list[int] = []
+    of = bk._Stack.of.__func__
+    monkeypatch.setattr(bk._Stack, "of", classmethod(lambda cls, recs, names: sizes.append(len(recs)) or
+                                                     of(cls, recs, names)))
+    torch.manual_seed(0)
+    model = SameShapeConvs().double()
+    x = torch.randn(4, 2, side, side, dtype=torch.float64)
+    assert_exact(model, x)
+    assert sorted(sizes)[-3:] == [2, 2, 3]  # plain, grouped and reflect-padded convolutions stack apart
+
+    params = dict(model.named_parameters())
+    norms = {n: g.reshape(g.shape[0], -1).norm(dim=1)
+             for n, g in compute_microbatch_grad_sample(x, model, loss_reduction="sum").items()}
+    bounds = {n: float(v.median()) + 1e-9 for n, v in norms.items()}
+    expected = _per_layer_reference(model, x, bounds)
+    engine = BKEngine(model, bound=ClipBound([bounds[n] for n in params], list(params.values())), loss_reduction="sum")
+    try:
+        l1_loss(model(x), "sum").backward()
+    finally:
+        engine.detach()
+    for n, p in params.items():
+        err = (p.summed_grad - expected[n]).norm() / expected[n].norm()
+        assert err <= RTOL, f"{n}: relative error {err:.2e}"

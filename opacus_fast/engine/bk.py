@@ -491,9 +491,9 @@ class BKEngine:
 BLOCK_NUMEL = 2**20
 #: calls of one rule with equal ``stack_key`` (a ViT's 12 qkv layers) are stacked into one computation: a few kernels
 #: for all of them instead of a few per layer. A stack is a copy of its calls' saved tensors and output gradients
-#: made while they are still held, so it may hold at most this fraction of all the backward's saved bytes (the peak
-#: grows by at most that much) or ``STACK_BYTES``, whichever is more: small models, whose steps launches dominate,
-#: stack whole.
+#: made while they are still held, and its norms' temporaries grow with it, so its bytes (``LayerRule.stack_bytes``)
+#: may be at most this fraction of all the backward's saved bytes (the peak grows by at most that much) or
+#: ``STACK_BYTES``, whichever is more: small models, whose steps launches dominate, stack whole.
 STACK_FRACTION = 1 / 16
 STACK_BYTES = 2**23
 #: a call is stacked only where copying it costs less than the launches that stacking saves it (about ten: its norm
@@ -537,7 +537,7 @@ def _stack_bytes(rec: Record) -> int:
 
 
 def _worth_stacking(rec: Record, size: int) -> bool:
-    """Whether copying ``rec`` (``size`` bytes) into a stack costs less than the launches that saves (see
+    """Whether stacking ``rec`` (``size`` bytes to copy and work on) costs less than the launches that saves (see
     ``STACK_CALL_BYTES``)."""
     return size <= STACK_CALL_BYTES.get(rec.g.device.type, STACK_CALL_BYTES["cuda"])
 
@@ -579,7 +579,9 @@ class _ClippingWork:
                 uses[id(p)] += p.requires_grad
         multi: dict[nn.Parameter, Tensor] = {}
         stackable: dict[Any, list[Record]] = defaultdict(list)
-        sizes = {id(rec): _stack_bytes(rec) for rec in records if not rec.per_sample}
+        held = sum(_stack_bytes(rec) for rec in records if not rec.per_sample)
+        sizes = {id(rec): rec.site.rule.stack_bytes(rec.site.module, rec.saved, rec.g)
+                 for rec in records if not rec.per_sample}
         for rec in records:
             site = rec.site
             single = [n for n, p in site.params.items() if uses[id(p)] == 1]
@@ -603,7 +605,7 @@ class _ClippingWork:
             for n in repeated:
                 p = site.params[n]
                 multi[p] = grads[n] if p not in multi else multi[p] + grads[n]
-        budget = max(STACK_BYTES, int(sum(sizes.values()) * STACK_FRACTION))
+        budget = max(STACK_BYTES, int(held * STACK_FRACTION))
         for (_, names, small, _), same in stackable.items():
             for run in _stacks(same, sizes, budget):
                 work.add(_Stack.of(run, list(names)), list(small))

@@ -7,7 +7,8 @@ them, which would over-count depthwise convs).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from .registry import (
     scale_examples,
     sq_norm,
     weighted_sum,
+    weighted_sums,
 )
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -141,6 +143,36 @@ class ConvRule(LayerRule):
                 out["weight"] = self._backward(layer, x, fg, [False, True, False])[1]
         if "bias" in factors:
             out["bias"] = torch.einsum("b,bc->c", factors["bias"].to(g.dtype), g.flatten(2).sum(dim=2))
+        return out
+
+    def stack_key(self, layer: nn.modules.conv._ConvNd, saved: Saved, g: Tensor) -> Hashable:
+        x = saved[0]  # norms and per-example gradients read the geometry and the shapes only
+        geometry = (layer.kernel_size, layer.stride, layer.dilation, layer.groups, _geometry(layer)[1])
+        return geometry, x.shape, x.dtype, x.device, g.shape, g.dtype
+
+    def stack_bytes(self, layer: nn.modules.conv._ConvNd, saved: Saved, g: Tensor) -> int:
+        """Also the unfolded input its norms form (the input times the kernel's volume, in the norm dtype)."""
+        x = saved[0]
+        unfolded = x.numel() * math.prod(layer.kernel_size) * torch.finfo(norm_dtype(g.dtype)).bits // 8
+        return super().stack_bytes(layer, saved, g) + unfolded
+
+    def stacked_clipped_sum(
+        self, layer: nn.modules.conv._ConvNd, saved: Saved, g: Tensor, factors: dict[str, Tensor], cache: Any,
+        calls: int,
+    ) -> dict[str, Sequence[Tensor]]:
+        """The weight's sums one ``convolution_backward`` per call (each reads only the weight's shape, which the
+        calls share), the rest for all calls at once."""
+        x = saved[0]
+        out: dict[str, Sequence[Tensor]] = {}
+        if "weight" in factors:
+            if cache is not None:
+                out["weight"] = weighted_sums(factors["weight"], cache, calls)
+            else:
+                fg = scale_examples(g, factors["weight"])
+                out["weight"] = [self._backward(layer, xc, gc, [False, True, False])[1]
+                                 for xc, gc in zip(x.chunk(calls), fg.chunk(calls))]
+        if "bias" in factors:
+            out["bias"] = weighted_sums(factors["bias"], g.flatten(2).sum(dim=2), calls)
         return out
 
     def per_sample(

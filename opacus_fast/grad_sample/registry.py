@@ -17,7 +17,7 @@ the loss with respect to the layer's output, the rule answers:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -83,11 +83,16 @@ class LayerRule:
         everything those two read of the layer and of the tensors' shapes."""
         return None
 
+    def stack_bytes(self, layer: nn.Module, saved: Saved, g: Tensor) -> int:
+        """Bytes a call adds to a stack: its saved tensors and output gradient, and what the rule's norms hold for
+        it at once beyond them (the engine bounds stacks by this)."""
+        return sum(t.numel() * t.element_size() for t in (*saved, g) if isinstance(t, Tensor))
+
     def stacked_clipped_sum(
         self, layer: nn.Module, saved: Saved, g: Tensor, factors: dict[str, Tensor], cache: Any, calls: int
-    ) -> dict[str, Tensor]:
-        """``clipped_sum`` of ``calls`` stacked calls (see :meth:`stack_key`), one factor per row: each sum has a
-        leading dim of ``calls``."""
+    ) -> dict[str, Sequence[Tensor]]:
+        """``clipped_sum`` of ``calls`` stacked calls (see :meth:`stack_key`), one factor per row: each parameter's
+        ``calls`` sums, in order (a tensor with a leading dim of ``calls``, or a list)."""
         raise NotImplementedError
 
 
