@@ -181,11 +181,16 @@ def _per_layer_reference(model: nn.Module, x: torch.Tensor, bounds: dict[str, fl
 @pytest.mark.parametrize("name", ["transformer", "repeated", "cnn2d"])
 def test_per_layer_clipping_exact(name: str) -> None:
     """Per-layer bounds: every parameter's own factor, through rules, eager norm layers, units and repeated uses."""
-    model, x = _model(name), _inputs(name, 6)
+    assert_per_layer_exact(_model(name), _inputs(name, 6))
+
+
+def assert_per_layer_exact(model: nn.Module, x: torch.Tensor) -> None:
+    """Per-layer bounds at each parameter's median per-example norm (some examples clipped, some not, per layer):
+    every parameter's clipped sum against the microbatch oracle's."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     norms = {n: g.reshape(g.shape[0], -1).norm(dim=1)
              for n, g in compute_microbatch_grad_sample(x, model, loss_reduction="sum").items()}
-    bounds = {n: float(v.median()) + 1e-9 for n, v in norms.items()}  # some examples clipped, some not, per layer
+    bounds = {n: float(v.median()) + 1e-9 for n, v in norms.items()}
     expected = _per_layer_reference(model, x, bounds)
     engine = BKEngine(model, bound=ClipBound([bounds[n] for n in params], list(params.values())), loss_reduction="sum")
     try:
@@ -260,20 +265,7 @@ def test_stacked_layers_exact(tokens: int, run: int, monkeypatch: pytest.MonkeyP
     x = torch.randn(3, tokens, 6, dtype=torch.float64)  # batch 3 = tokens 3 in one case
     assert_exact(model, x)
     assert max(sizes) == run  # the four layers with a bias stack as far as the bytes allow
-
-    params = {n: p for n, p in model.named_parameters()}
-    norms = {n: g.reshape(g.shape[0], -1).norm(dim=1)
-             for n, g in compute_microbatch_grad_sample(x, model, loss_reduction="sum").items()}
-    bounds = {n: float(v.median()) + 1e-9 for n, v in norms.items()}
-    expected = _per_layer_reference(model, x, bounds)
-    engine = BKEngine(model, bound=ClipBound([bounds[n] for n in params], list(params.values())), loss_reduction="sum")
-    try:
-        l1_loss(model(x), "sum").backward()
-    finally:
-        engine.detach()
-    for n, p in params.items():
-        err = (p.summed_grad - expected[n]).norm() / expected[n].norm()
-        assert err <= RTOL, f"{n}: relative error {err:.2e}"
+    assert_per_layer_exact(model, x)
 
 
 def test_stacks_hold_at_most_a_fraction_of_the_saved_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -390,17 +382,4 @@ def test_stacked_convolutions_exact(side: int, monkeypatch: pytest.MonkeyPatch) 
     x = torch.randn(4, 2, side, side, dtype=torch.float64)
     assert_exact(model, x)
     assert sorted(sizes)[-3:] == [2, 2, 3]  # plain, grouped and reflect-padded convolutions stack apart
-
-    params = dict(model.named_parameters())
-    norms = {n: g.reshape(g.shape[0], -1).norm(dim=1)
-             for n, g in compute_microbatch_grad_sample(x, model, loss_reduction="sum").items()}
-    bounds = {n: float(v.median()) + 1e-9 for n, v in norms.items()}
-    expected = _per_layer_reference(model, x, bounds)
-    engine = BKEngine(model, bound=ClipBound([bounds[n] for n in params], list(params.values())), loss_reduction="sum")
-    try:
-        l1_loss(model(x), "sum").backward()
-    finally:
-        engine.detach()
-    for n, p in params.items():
-        err = (p.summed_grad - expected[n]).norm() / expected[n].norm()
-        assert err <= RTOL, f"{n}: relative error {err:.2e}"
+    assert_per_layer_exact(model, x)
