@@ -499,8 +499,9 @@ STACK_BYTES = 2**23
 #: a call is stacked only where copying it costs less than the launches that stacking saves it (about ten: its norm
 #: and clipped-sum kernels): its saved tensors and output gradient may hold at most this many bytes per device type,
 #: the bytes copied in the host time of ten launches (CPU: ~10 GB/s for ~10 µs each; CUDA, estimated for an H200:
-#: ~4 TB/s for ~5 µs), for other device types too. A ViT-B/16 layer at batch 64 in bf16 (19–58 MB) is stacked on a
-#: GPU; vit_tiny's at batch 64 on a CPU (3–13 MB) is not, a launch-bound copy's (a few KB) is.
+#: ~4 TB/s for ~5 µs), for other device types too. A ViT-B/16 Linear call at batch 64 in bf16 (39–97 MB of input and
+#: output gradient) is stacked on a GPU; vit_tiny's at batch 64 on a CPU (6–16 MB) is not, a launch-bound copy's (a
+#: few KB) is.
 STACK_CALL_BYTES = {"cpu": 10 * 100_000, "cuda": 10 * 20_000_000}
 
 
