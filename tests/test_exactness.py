@@ -383,3 +383,25 @@ def test_stacked_convolutions_exact(side: int, monkeypatch: pytest.MonkeyPatch) 
     assert_exact(model, x)
     assert sorted(sizes)[-3:] == [2, 2, 3]  # plain, grouped and reflect-padded convolutions stack apart
     assert_per_layer_exact(model, x)
+
+
+@pytest.mark.parametrize("tokens", [3, 30])  # ghost norms; instantiated per-example gradients
+def test_stacked_transposed_linear_layers_exact(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hugging Face's Conv1D (GPT-2's layers, weights stored transposed) stacks like Linear: each layer gets its own
+    sum in the stored layout."""
+    from transformers.pytorch_utils import Conv1D
+
+    monkeypatch.setitem(bk.STACK_CALL_BYTES, "cpu", 2**30)
+    sizes: list[int] = []
+    of = bk._Stack.of.__func__
+    monkeypatch.setattr(bk._Stack, "of", classmethod(lambda cls, recs, names: sizes.append(len(recs)) or
+                                                     of(cls, recs, names)))
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(6, 5), nn.Tanh(), Conv1D(6, 6), nn.Tanh(), Conv1D(6, 6), nn.Tanh(),
+                          Conv1D(6, 6)).double()
+    for layer in model[::2]:
+        nn.init.normal_(layer.weight, std=0.5)
+        nn.init.normal_(layer.bias, std=0.1)
+    x = torch.randn(4, tokens, 5, dtype=torch.float64)
+    assert_exact(model, x)
+    assert max(sizes) == 3
