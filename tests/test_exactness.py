@@ -235,6 +235,16 @@ def test_channels_last_group_norm_exact() -> None:
     assert_exact(model, _inputs("cnn2d", 6).contiguous(memory_format=torch.channels_last))
 
 
+@pytest.fixture
+def sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of calls in each stack the engine builds, in order."""
+    built: list[int] = []
+    of = bk._Stack.of.__func__
+    monkeypatch.setattr(bk._Stack, "of", classmethod(lambda cls, recs, names: built.append(len(recs)) or
+                                                     of(cls, recs, names)))
+    return built
+
+
 class SameShapeLayers(nn.Module):
     """Layers of equal shapes, whose calls the engine stacks into one computation (two without a bias, which stack
     apart from those with one)."""
@@ -251,15 +261,11 @@ class SameShapeLayers(nn.Module):
 
 @pytest.mark.parametrize("tokens", [1, 3, 30])  # one token, ghost norms (2T² < 36), instantiated per-example grads
 @pytest.mark.parametrize("run", [1, 2, 4])  # layers a stack may hold (bytes of their saved input and output grad)
-def test_stacked_layers_exact(tokens: int, run: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stacked_layers_exact(tokens: int, run: int, monkeypatch: pytest.MonkeyPatch, sizes: list[int]) -> None:
     """Calls stacked across layers give each layer its own exact clipped sum, under flat and per-layer clipping."""
     monkeypatch.setattr(bk, "STACK_BYTES", run * 2 * 3 * tokens * 6 * 8)
     monkeypatch.setattr(bk, "STACK_FRACTION", 0)
     monkeypatch.setitem(bk.STACK_CALL_BYTES, "cpu", 2**30)
-    sizes: list[int] = []
-    of = bk._Stack.of.__func__
-    monkeypatch.setattr(bk._Stack, "of", classmethod(lambda cls, recs, names: sizes.append(len(recs)) or
-                                                     of(cls, recs, names)))
     torch.manual_seed(0)
     model = SameShapeLayers().double()
     x = torch.randn(3, tokens, 6, dtype=torch.float64)  # batch 3 = tokens 3 in one case
@@ -268,28 +274,20 @@ def test_stacked_layers_exact(tokens: int, run: int, monkeypatch: pytest.MonkeyP
     assert_per_layer_exact(model, x)
 
 
-def test_stacks_hold_at_most_a_fraction_of_the_saved_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stacks_hold_at_most_a_fraction_of_the_saved_bytes(monkeypatch: pytest.MonkeyPatch, sizes: list[int]) -> None:
     """A stack is a copy made while its calls' tensors are held: it is bounded by a fraction of all saved bytes."""
     monkeypatch.setattr(bk, "STACK_BYTES", 1)
     monkeypatch.setattr(bk, "STACK_FRACTION", 1 / 3)  # six equal calls: a third of them is two
     monkeypatch.setitem(bk.STACK_CALL_BYTES, "cpu", 2**30)
-    sizes: list[int] = []
-    of = bk._Stack.of.__func__
-    monkeypatch.setattr(bk._Stack, "of", classmethod(lambda cls, recs, names: sizes.append(len(recs)) or
-                                                     of(cls, recs, names)))
     torch.manual_seed(0)
     assert_exact(SameShapeLayers().double(), torch.randn(4, 5, 6, dtype=torch.float64))
     assert max(sizes) == 2
 
 
-def test_calls_too_large_to_copy_cheaply_are_not_stacked(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_calls_too_large_to_copy_cheaply_are_not_stacked(monkeypatch: pytest.MonkeyPatch, sizes: list[int]) -> None:
     """Copying a call into a stack must cost less than the launches it saves: larger calls are computed alone."""
     x = torch.randn(4, 5, 6, dtype=torch.float64)
     monkeypatch.setitem(bk.STACK_CALL_BYTES, "cpu", 2 * x.numel() * 8 - 1)  # saved input + output gradient
-    sizes: list[int] = []
-    of = bk._Stack.of.__func__
-    monkeypatch.setattr(bk._Stack, "of", classmethod(lambda cls, recs, names: sizes.append(len(recs)) or
-                                                     of(cls, recs, names)))
     torch.manual_seed(0)
     assert_exact(SameShapeLayers().double(), x)
     assert sizes and max(sizes) == 1
@@ -330,13 +328,9 @@ def test_parameters_frozen_after_attaching_stay_out_of_the_norms(stacked: bool, 
     assert all(getattr(b, "summed_grad", None) is None for b in biases)
 
 
-def test_stacked_layers_under_bf16_autocast_stay_close_to_the_float32_reference(monkeypatch) -> None:
+def test_stacked_layers_under_bf16_autocast_stay_close_to_the_float32_reference(monkeypatch, sizes: list[int]) -> None:
     """Under autocast the stacked inputs are float32 and the output gradients bfloat16: norms in float32, sums close
     to the exact ones."""
-    sizes: list[int] = []
-    of = bk._Stack.of.__func__
-    monkeypatch.setattr(bk._Stack, "of", classmethod(lambda cls, recs, names: sizes.append(len(recs)) or
-                                                     of(cls, recs, names)))
     torch.manual_seed(0)
     model = SameShapeLayers()
     x = torch.randn(6, 5, 6)
@@ -370,13 +364,9 @@ class SameShapeConvs(nn.Module):
 
 
 @pytest.mark.parametrize("side", [3, 8])  # 9 positions: ghost norms; 64: instantiated per-example gradients
-def test_stacked_convolutions_exact(side: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stacked_convolutions_exact(side: int, monkeypatch: pytest.MonkeyPatch, sizes: list[int]) -> None:
     """Convolutions stacked by geometry give each layer its own exact clipped sum, flat and per layer."""
     monkeypatch.setitem(bk.STACK_CALL_BYTES, "cpu", 2**30)
-    sizes: list[int] = []
-    of = bk._Stack.of.__func__
-    monkeypatch.setattr(bk._Stack, "of", classmethod(lambda cls, recs, names: sizes.append(len(recs)) or
-                                                     of(cls, recs, names)))
     torch.manual_seed(0)
     model = SameShapeConvs().double()
     x = torch.randn(4, 2, side, side, dtype=torch.float64)
@@ -386,16 +376,12 @@ def test_stacked_convolutions_exact(side: int, monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.mark.parametrize("tokens", [3, 30])  # ghost norms; instantiated per-example gradients
-def test_stacked_transposed_linear_layers_exact(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stacked_transposed_linear_layers_exact(tokens: int, monkeypatch: pytest.MonkeyPatch, sizes: list[int]) -> None:
     """Hugging Face's Conv1D (GPT-2's layers, weights stored transposed) stacks like Linear: each layer gets its own
     sum in the stored layout."""
     from transformers.pytorch_utils import Conv1D
 
     monkeypatch.setitem(bk.STACK_CALL_BYTES, "cpu", 2**30)
-    sizes: list[int] = []
-    of = bk._Stack.of.__func__
-    monkeypatch.setattr(bk._Stack, "of", classmethod(lambda cls, recs, names: sizes.append(len(recs)) or
-                                                     of(cls, recs, names)))
     torch.manual_seed(0)
     model = nn.Sequential(Conv1D(6, 5), nn.Tanh(), Conv1D(6, 6), nn.Tanh(), Conv1D(6, 6), nn.Tanh(),
                           Conv1D(6, 6)).double()
