@@ -328,7 +328,7 @@ def test_parameters_frozen_after_attaching_stay_out_of_the_norms(stacked: bool, 
     assert all(getattr(b, "summed_grad", None) is None for b in biases)
 
 
-def test_stacked_layers_under_bf16_autocast_stay_close_to_the_float32_reference(monkeypatch, sizes: list[int]) -> None:
+def test_stacked_layers_under_bf16_autocast_stay_close_to_the_float32_reference(sizes: list[int]) -> None:
     """Under autocast the stacked inputs are float32 and the output gradients bfloat16: norms in float32, sums close
     to the exact ones."""
     torch.manual_seed(0)
