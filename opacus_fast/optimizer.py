@@ -404,17 +404,17 @@ def gaussian_noise(
     gets its own draw from ``generator`` in the tensors' dtype, as Opacus draws per parameter; with ``secure_mode``,
     Opacus' own secure draw makes the buffer.
     """
-    buckets: list[tuple[list[int], list[int]]] = []  # (indices into ``like``, [their total numel])
-    open_buckets: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[int]]] = {}
+    buckets: list[list] = []  # [indices into ``like``, their total numel]
+    open_buckets: dict[tuple[torch.device, torch.dtype], list] = {}
     for i, t in enumerate(like):
         bucket = open_buckets.get((t.device, t.dtype))
-        if bucket is None or bucket[1][0] + t.numel() > NOISE_BUCKET_NUMEL:
-            bucket = open_buckets[(t.device, t.dtype)] = ([], [0])
+        if bucket is None or bucket[1] + t.numel() > NOISE_BUCKET_NUMEL:
+            bucket = open_buckets[(t.device, t.dtype)] = [[], 0]
             buckets.append(bucket)
         bucket[0].append(i)
-        bucket[1][0] += t.numel()
+        bucket[1] += t.numel()
     out: list[torch.Tensor] = [None] * len(like)  # type: ignore[list-item]
-    for indices, (total,) in buckets:
+    for indices, total in buckets:
         device, dtype = like[indices[0]].device, like[indices[0]].dtype
         if secure_mode:
             shape_of = torch.empty((), device=device, dtype=dtype).expand(total)

@@ -28,7 +28,16 @@ from torch import nn
 
 from ..clipping import ClipBound, has_pending_sums
 from ..data.context import BatchContext, PhysicalBatchInfo
-from ..grad_sample import EmbeddingBagRule, EmbeddingRule, LinearRule, cast, scratch_space, sq_norm, weighted_sum
+from ..grad_sample import (
+    EmbeddingBagRule,
+    EmbeddingRule,
+    LinearRule,
+    cast,
+    held_bytes,
+    scratch_space,
+    sq_norm,
+    weighted_sum,
+)
 from ..losses import warn_when_backpropagated
 from . import refusals
 from .captures import LayerCapture, check_recomputation
@@ -533,10 +542,6 @@ class _Stack:
         return [rows] if len(self.sites) == 1 else list(rows.chunk(len(self.sites)))
 
 
-def _stack_bytes(rec: Record) -> int:
-    return sum(t.numel() * t.element_size() for t in (*rec.saved, rec.g) if isinstance(t, Tensor))
-
-
 def _worth_stacking(rec: Record, size: int) -> bool:
     """Whether stacking ``rec`` (``size`` bytes to copy and work on) costs less than the launches that saves (see
     ``STACK_CALL_BYTES``)."""
@@ -580,7 +585,7 @@ class _ClippingWork:
                 uses[id(p)] += p.requires_grad
         multi: dict[nn.Parameter, Tensor] = {}
         stackable: dict[Any, list[Record]] = defaultdict(list)
-        held = sum(_stack_bytes(rec) for rec in records if not rec.per_sample)
+        held = sum(held_bytes(rec.saved, rec.g) for rec in records if not rec.per_sample)
         sizes = {id(rec): rec.site.rule.stack_bytes(rec.site.module, rec.saved, rec.g)
                  for rec in records if not rec.per_sample}
         for rec in records:

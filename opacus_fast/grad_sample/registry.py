@@ -86,7 +86,7 @@ class LayerRule:
     def stack_bytes(self, layer: nn.Module, saved: Saved, g: Tensor) -> int:
         """Bytes a call adds to a stack: its saved tensors and output gradient, and what the rule's norms hold for
         it at once beyond them (the engine bounds stacks by this)."""
-        return sum(t.numel() * t.element_size() for t in (*saved, g) if isinstance(t, Tensor))
+        return held_bytes(saved, g)
 
     def stacked_clipped_sum(
         self, layer: nn.Module, saved: Saved, g: Tensor, factors: dict[str, Tensor], cache: Any, calls: int
@@ -132,6 +132,11 @@ def find_rule(layer: nn.Module) -> LayerRule | None:
         same = all(getattr(type(layer), m, None) is getattr(base, m, None) for m in rule.checked_methods)
         return rule if same else None
     return None
+
+
+def held_bytes(saved: Saved, g: Tensor | None) -> int:
+    """Bytes of a call's saved tensors and output gradient."""
+    return sum(t.numel() * t.element_size() for t in (*saved, g) if isinstance(t, Tensor))
 
 
 def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
