@@ -363,19 +363,20 @@ class SameShapeConvs(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
-@pytest.mark.parametrize("side", [3, 8])  # 9 positions: ghost norms; 64: instantiated per-example gradients
-def test_stacked_convolutions_exact(side: int, monkeypatch: pytest.MonkeyPatch, sizes: list[int]) -> None:
+@pytest.mark.parametrize(("side", "batch"), [(3, 4), (8, 4), (8, 8)],  # 9 positions: ghost norms; 64: instantiated;
+                         ids=["ghost", "instantiated", "batch_is_channels_and_side"])  # batch = channels = side
+def test_stacked_convolutions_exact(side: int, batch: int, monkeypatch: pytest.MonkeyPatch, sizes: list[int]) -> None:
     """Convolutions stacked by geometry give each layer its own exact clipped sum, flat and per layer."""
     monkeypatch.setitem(bk.STACK_CALL_BYTES, "cpu", 2**30)
     torch.manual_seed(0)
     model = SameShapeConvs().double()
-    x = torch.randn(4, 2, side, side, dtype=torch.float64)
+    x = torch.randn(batch, 2, side, side, dtype=torch.float64)
     assert_exact(model, x)
     assert sorted(sizes)[-3:] == [2, 2, 3]  # plain, grouped and reflect-padded convolutions stack apart
     assert_per_layer_exact(model, x)
 
 
-@pytest.mark.parametrize("tokens", [3, 30])  # ghost norms; instantiated per-example gradients
+@pytest.mark.parametrize("tokens", [3, 4, 30])  # ghost norms (4: as many as the batch); instantiated
 def test_stacked_transposed_linear_layers_exact(tokens: int, monkeypatch: pytest.MonkeyPatch, sizes: list[int]) -> None:
     """Hugging Face's Conv1D (GPT-2's layers, weights stored transposed) stacks like Linear: each layer gets its own
     sum in the stored layout."""
